@@ -1,0 +1,65 @@
+"""The ``kinetoscope`` command: LightningCLI for ``fit``/``predict``/..., plus ``plugins``.
+
+Every plugin is imported through the registry before parsing, so YAML configs can name plugins by class name
+(``class_path: DiT``) as well as by import path, and an unknown name fails listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from framework.registry import PLUGIN_KINDS, default_registry, format_plugin_table
+
+
+class KinetoscopeCLI(LightningCLI):
+    """LightningCLI with the plugin registry loaded first."""
+
+
+def plugins_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kinetoscope plugins", description="List the installed plugins.")
+    parser.add_argument("--kind", choices=list(PLUGIN_KINDS), help="only plugins of this kind")
+    args = parser.parse_args(argv)
+    registry = default_registry()
+    print(format_plugin_table(registry.list(args.kind)))
+    for name, error in registry.failed.items():
+        print(f"(failed to import plugin {name!r}: {error})", file=sys.stderr)
+    return 0
+
+
+def explain_unknown_class(message: str) -> str | None:
+    """Add the valid plugin names to jsonargparse's error for a class_path it could not resolve."""
+    registry = default_registry()
+    hints = []
+    for kind, base in PLUGIN_KINDS.items():
+        if re.search(rf"\b{kind}\b", message) or base.__name__ in message:
+            names = [f"{i.cls.__name__} ({i.class_path})" for i in registry.list(kind)]
+            hints.append(f"valid {kind} plugins: {', '.join(names)}")
+    return "\n".join(hints) or None
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> KinetoscopeCLI:
+    default_registry()  # import every installed plugin so class names resolve
+    return KinetoscopeCLI(
+        args=args,
+        run=run,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["plugins"]:
+        return plugins_command(words[1:])
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from framework.modules.video_diffusion import VideoDiffusion
+
+__all__ = ["VideoDiffusion"]

@@ -1,0 +1,143 @@
+"""VideoDiffusion: trains a denoiser on compressed, patchified videos and generates new ones.
+
+The module only wires the five plugins together; each owns its part of the recipe::
+
+    videos -> Compressor.encode -> Patcher.patchify -> Sampler.training_loss(Denoiser(., t, Conditioner(captions)))
+
+Generation reverses it: noise with the requested size -> Sampler.sample (with classifier-free guidance) ->
+Patcher.unpatchify -> Compressor.decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor
+
+from framework.data.prompts import PromptRequest
+from framework.guidance import guided_model_fn
+from framework.interfaces import Compressor, Conditioner, Denoiser, DenoiserIO, Patcher, Sampler
+from framework.packing import PackedSequence
+
+PLUGIN_ARGUMENTS = ("compressor", "patcher", "denoiser", "conditioner", "sampler")
+
+
+@dataclass
+class GeneratedVideo:
+    request: PromptRequest
+    video: Tensor  # [3, T, H, W] in [-1, 1], on CPU
+    fps: float
+
+
+class VideoDiffusion(L.LightningModule):
+    """Text-to-video diffusion training and generation from five plugins (the compressor stays frozen)."""
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        patcher: Patcher,
+        denoiser: Denoiser,
+        conditioner: Conditioner,
+        sampler: Sampler,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        sampling_steps: int = 30,
+        guidance_scale: float = 4.0,
+        output_fps: float = 8.0,
+    ) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"VideoDiffusion: learning_rate must be > 0, got {learning_rate}")
+        if sampling_steps < 1:
+            raise ValueError(f"VideoDiffusion: sampling_steps must be >= 1, got {sampling_steps}")
+        # Under LightningCLI the hyperparameters are the plugins' class_path/init_args config, which
+        # ``load_from_checkpoint`` re-instantiates; built directly in Python, the plugin objects themselves are left
+        # out, because pickling modules into a checkpoint would make loading execute code.
+        built_by_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=None if built_by_cli else list(PLUGIN_ARGUMENTS))
+        self.compressor, self.patcher, self.denoiser = compressor, patcher, denoiser
+        self.conditioner, self.sampler = conditioner, sampler
+        self.compressor.requires_grad_(False)
+        denoiser.bind(
+            DenoiserIO(
+                token_dim=patcher.token_dim(compressor.latent_channels),
+                context_dim=conditioner.context_dim,
+                pooled_dim=conditioner.pooled_dim,
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------------ training
+    def encode(self, videos: list[Tensor]) -> PackedSequence:
+        with torch.no_grad():
+            latents = self.compressor.encode_list(videos)  # list of [c, t, h, w]
+        return self.patcher.patchify(latents)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        clean = self.encode(batch["videos"])
+        cond = self.conditioner(batch["captions"])
+        per_sample = self.sampler.training_loss(lambda x, t: self.denoiser(x, t, cond), clean)  # [B]
+        loss = per_sample.mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["videos"]))
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)  # no weight decay on biases and norm gains
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.99))
+        if hp.warmup_steps <= 0:
+            return optimizer
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        captions: list[str],
+        sizes: list[tuple[int, int, int]],
+        seeds: list[int],
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> list[Tensor]:
+        """Sample one video per caption at its (frames, height, width) -> list of [3, T, H, W] in [-1, 1] (CPU)."""
+        if not captions:
+            raise ValueError("generate: the caption list is empty")
+        if not len(captions) == len(sizes) == len(seeds):
+            raise ValueError(f"generate: got {len(captions)} captions, {len(sizes)} sizes and {len(seeds)} seeds")
+        steps = steps or self.hparams.sampling_steps
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        noise_latents = []
+        for caption, (frames, height, width), seed in zip(captions, sizes, seeds):
+            try:
+                shape = self.compressor.latent_shape(frames, height, width)
+                self.patcher.grid_size(shape)
+            except ValueError as err:
+                raise ValueError(f"cannot generate {frames}x{height}x{width} for {caption!r}: {err}") from None
+            generator = torch.Generator().manual_seed(seed)  # CPU noise: the same seed gives the same video anywhere
+            noise_latents.append(torch.randn(self.compressor.latent_channels, *shape, generator=generator))
+        noise = self.patcher.patchify([n.to(self.device) for n in noise_latents])
+        cond = self.conditioner(captions)
+        null = self.conditioner.null(len(captions)) if scale != 1.0 else None
+        model_fn = guided_model_fn(self.denoiser, cond, null, scale)
+        clean = self.sampler.sample(model_fn, noise, steps)
+        latents = self.patcher.unpatchify(clean)
+        return [v.float().cpu() for v in self.compressor.decode_list(latents)]
+
+    def predict_step(self, batch: list[PromptRequest], batch_idx: int) -> list[GeneratedVideo]:
+        videos = self.generate(
+            [r.caption for r in batch], [(r.frames, r.height, r.width) for r in batch], [r.seed for r in batch]
+        )
+        return [GeneratedVideo(r, v, self.hparams.output_fps) for r, v in zip(batch, videos)]
+
+    def num_parameters(self) -> dict[str, int]:
+        return {n: sum(p.numel() for p in getattr(self, n).parameters()) for n in PLUGIN_ARGUMENTS}
+
+
