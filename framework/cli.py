@@ -10,9 +10,17 @@ import argparse
 import re
 import sys
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from framework.registry import PLUGIN_KINDS, default_registry, format_plugin_table
+
+
+class KinetoscopeArgumentParser(LightningArgumentParser):
+    """Adds the valid plugin names to errors about a ``class_path`` that does not resolve."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        hint = explain_unknown_class(message)
+        super().error(f"{message}\n{hint}" if hint else message, ex)
 
 
 class KinetoscopeCLI(LightningCLI):
@@ -32,6 +40,8 @@ def plugins_command(argv: list[str]) -> int:
 
 def explain_unknown_class(message: str) -> str | None:
     """Add the valid plugin names to jsonargparse's error for a class_path it could not resolve."""
+    if "import path" not in message.lower() and "class_path" not in message:
+        return None
     registry = default_registry()
     hints = []
     for kind, base in PLUGIN_KINDS.items():
@@ -46,6 +56,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KinetoscopeCLI:
     return KinetoscopeCLI(
         args=args,
         run=run,
+        parser_class=KinetoscopeArgumentParser,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

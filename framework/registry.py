@@ -13,6 +13,7 @@ full import path. A plugin whose import fails is reported by name and skipped; t
 from __future__ import annotations
 
 import inspect
+import typing
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -50,7 +51,7 @@ class PluginInfo:
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.cls) or ""
+        doc = inspect.cleandoc(self.cls.__dict__.get("__doc__") or "")  # the plugin's own, not its base class's
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
     def init_arguments(self) -> list[tuple[str, str, str]]:
@@ -68,7 +69,9 @@ class PluginInfo:
 def _type_name(annotation: object) -> str:
     if isinstance(annotation, str):  # postponed annotations (from __future__ import annotations)
         return annotation
-    return getattr(annotation, "__name__", None) or repr(annotation).replace("typing.", "")
+    if isinstance(annotation, type) and not typing.get_args(annotation):  # a plain class, not list[int]
+        return annotation.__name__
+    return repr(annotation).replace("typing.", "")
 
 
 def kind_of(cls: type) -> str:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import lightning as L
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from framework.data.prompts import PromptRequest
 from framework.guidance import guided_model_fn
@@ -45,13 +48,21 @@ class VideoDiffusion(L.LightningModule):
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        cosine_decay: bool = True,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.0,
         sampling_steps: int = 30,
         guidance_scale: float = 4.0,
         output_fps: float = 8.0,
     ) -> None:
+        """``cosine_decay`` anneals the learning rate to ``min_lr_ratio`` of its peak by the end of training
+        (``trainer.max_steps``); ``ema_decay`` > 0 keeps an exponential moving average of the denoiser and
+        conditioner weights, which ``generate`` uses: averaged weights give cleaner samples than the last step's."""
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"VideoDiffusion: learning_rate must be > 0, got {learning_rate}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"VideoDiffusion: ema_decay must be in [0, 1), got {ema_decay}")
         if sampling_steps < 1:
             raise ValueError(f"VideoDiffusion: sampling_steps must be >= 1, got {sampling_steps}")
         # Under LightningCLI the hyperparameters are the plugins' class_path/init_args config, which
@@ -69,6 +80,13 @@ class VideoDiffusion(L.LightningModule):
                 pooled_dim=conditioner.pooled_dim,
             )
         )
+        self.ema = (
+            AveragedModel(nn.ModuleDict({"denoiser": denoiser, "conditioner": conditioner}),
+                          multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay > 0 else None
+        )
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------------ training
     def encode(self, videos: list[Tensor]) -> PackedSequence:
@@ -84,18 +102,37 @@ class VideoDiffusion(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["videos"]))
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(nn.ModuleDict({"denoiser": self.denoiser, "conditioner": self.conditioner}))
+
+    def sampling_modules(self) -> tuple[Denoiser, Conditioner]:
+        """The EMA copies when EMA is on, else the trained modules."""
+        if self.ema is not None:
+            return self.ema.module["denoiser"], self.ema.module["conditioner"]
+        return self.denoiser, self.conditioner
+
     def configure_optimizers(self):
         hp = self.hparams
         decay, no_decay = [], []
-        for p in self.parameters():
+        for p in nn.ModuleList([self.denoiser, self.conditioner, self.patcher, self.sampler]).parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)  # no weight decay on biases and norm gains
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.99))
-        if hp.warmup_steps <= 0:
-            return optimizer
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        warmup, floor = hp.warmup_steps, hp.min_lr_ratio
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not hp.cosine_decay or total is None or total <= warmup:
+                return 1.0
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -124,10 +161,15 @@ class VideoDiffusion(L.LightningModule):
             generator = torch.Generator().manual_seed(seed)  # CPU noise: the same seed gives the same video anywhere
             noise_latents.append(torch.randn(self.compressor.latent_channels, *shape, generator=generator))
         noise = self.patcher.patchify([n.to(self.device) for n in noise_latents])
-        cond = self.conditioner(captions)
-        null = self.conditioner.null(len(captions)) if scale != 1.0 else None
-        model_fn = guided_model_fn(self.denoiser, cond, null, scale)
-        clean = self.sampler.sample(model_fn, noise, steps)
+        denoiser, conditioner = self.sampling_modules()
+        was_training = self.training
+        self.eval()  # no caption dropout or other training-only behaviour while sampling
+        try:
+            cond = conditioner(captions)
+            null = conditioner.null(len(captions)) if scale != 1.0 else None
+            clean = self.sampler.sample(guided_model_fn(denoiser, cond, null, scale), noise, steps)
+        finally:
+            self.train(was_training)
         latents = self.patcher.unpatchify(clean)
         return [v.float().cpu() for v in self.compressor.decode_list(latents)]
 

@@ -33,6 +33,15 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return torch.cat([args.cos(), args.sin()], dim=-1)  # [B, dim]
 
 
+def sincos_position_embedding(positions: Tensor, width: int) -> Tensor:
+    """Fixed sin/cos features of each token's (t, h, w) index -> [N, width] (a third of the channels per axis)."""
+    per_axis = width // 6 * 2
+    freqs = torch.exp(-math.log(100.0) * torch.arange(per_axis // 2, device=positions.device) / (per_axis // 2))
+    args = positions[:, :, None] * freqs  # [N, 3, per_axis / 2]
+    emb = torch.cat([args.sin(), args.cos()], dim=-1).flatten(1)  # [N, 3 * per_axis]
+    return nn.functional.pad(emb, (0, width - emb.shape[1]))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, width: int, num_heads: int, backend: AttentionBackend) -> None:
         super().__init__()
@@ -100,8 +109,10 @@ class DiT(Denoiser):
         mlp_ratio: float = 4.0,
         attention: AttentionBackend = AttentionBackend.AUTO,
         gradient_checkpointing: bool = False,
+        absolute_positions: bool = False,
     ) -> None:
         super().__init__()
+        self.absolute_positions = absolute_positions
         if width % num_heads:
             raise ValueError(f"DiT: width {width} is not divisible by num_heads {num_heads}")
         if depth < 1:
@@ -145,6 +156,8 @@ class DiT(Denoiser):
         if self.io is None:
             raise RuntimeError("DiT.bind(DenoiserIO) must be called before forward (VideoDiffusion does this)")
         h = self.embed(x.tokens)  # [N, W]
+        if self.absolute_positions:
+            h = h + sincos_position_embedding(x.positions, self.width)  # [N, W]
         c = self.time_embed(timestep_embedding(timestep, 256)) + self.pooled_embed(cond.pooled)  # [B, W]
         context = self.context_embed(cond.context)  # [B, L, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
