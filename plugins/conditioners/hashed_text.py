@@ -76,7 +76,9 @@ class HashedTextConditioner(Conditioner):
             width, num_heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
+        # No affine gain: a learnable gain can shrink to zero and make every caption's features identical, after
+        # which no gradient reaches the encoder; the denoiser projects these features anyway.
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.position, std=0.02)
 
