@@ -48,3 +48,29 @@ def test_training_lowers_the_loss_and_keeps_captions_apart() -> None:
     # Regression guard: with small word embeddings Adam made all captions' features identical within ~50 steps
     # (spread 3.3 -> 0.09), so the model could not learn anything caption-specific but colour-by-accident.
     assert pooled_spread(model, captions) > 0.2 * spread_before
+
+
+def test_ema_weights_follow_the_exponential_average_and_are_used_for_sampling() -> None:
+    torch.manual_seed(0)
+    model = VideoDiffusion(
+        PixelCompressor(), SpacetimePatcher(1, 4, 4), DiT(width=32, depth=1, num_heads=2),
+        HashedTextConditioner(width=16, depth=1, num_heads=2), RectifiedFlow(), ema_decay=0.5,
+    )
+    batch = next(iter(SyntheticVideoDataModule(num_samples=8, sizes=[(4, 16, 16)], batch_size=8).train_dataloader()))
+    optimizer = torch.optim.SGD(model.trained_modules().parameters(), lr=0.1)
+    head = lambda m: m.head.weight.detach().clone()  # noqa: E731 - the output layer changes from step one
+    history = []
+    for _ in range(3):
+        loss = model.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.on_train_batch_end(None, batch, 0)
+        history.append(head(model.denoiser))
+    expected = history[0]  # the first update copies the weights
+    for current in history[1:]:
+        expected = 0.5 * expected + 0.5 * current
+    ema_denoiser, _ = model.sampling_modules()
+    torch.testing.assert_close(head(ema_denoiser), expected)
+    assert not torch.equal(head(ema_denoiser), history[-1])
+    assert ema_denoiser is not model.denoiser

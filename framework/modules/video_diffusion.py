@@ -61,6 +61,10 @@ class VideoDiffusion(L.LightningModule):
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"VideoDiffusion: learning_rate must be > 0, got {learning_rate}")
+        if warmup_steps < 0:
+            raise ValueError(f"VideoDiffusion: warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"VideoDiffusion: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"VideoDiffusion: ema_decay must be in [0, 1), got {ema_decay}")
         if sampling_steps < 1:
@@ -81,8 +85,7 @@ class VideoDiffusion(L.LightningModule):
             )
         )
         self.ema = (
-            AveragedModel(nn.ModuleDict({"denoiser": denoiser, "conditioner": conditioner}),
-                          multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            AveragedModel(self.trained_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             if ema_decay > 0 else None
         )
         if self.ema is not None:
@@ -104,7 +107,11 @@ class VideoDiffusion(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
-            self.ema.update_parameters(nn.ModuleDict({"denoiser": self.denoiser, "conditioner": self.conditioner}))
+            self.ema.update_parameters(self.trained_modules())
+
+    def trained_modules(self) -> nn.ModuleDict:
+        """The modules the optimizer trains and EMA averages (the compressor is frozen, the rest hold no weights)."""
+        return nn.ModuleDict({"denoiser": self.denoiser, "conditioner": self.conditioner})
 
     def sampling_modules(self) -> tuple[Denoiser, Conditioner]:
         """The EMA copies when EMA is on, else the trained modules."""
@@ -115,7 +122,7 @@ class VideoDiffusion(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         decay, no_decay = [], []
-        for p in nn.ModuleList([self.denoiser, self.conditioner, self.patcher, self.sampler]).parameters():
+        for p in nn.ModuleList([self.trained_modules(), self.patcher, self.sampler]).parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)  # no weight decay on biases and norm gains
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
