@@ -24,7 +24,7 @@ class KinetoscopeArgumentParser(LightningArgumentParser):
 
 
 class KinetoscopeCLI(LightningCLI):
-    """LightningCLI with the plugin registry loaded first."""
+    """The training/inference CLI; build it through ``cli_main``, which loads the plugin registry first."""
 
 
 def plugins_command(argv: list[str]) -> int:
