@@ -73,7 +73,7 @@ def evaluate(model, prompts, batch_size: int = 24) -> dict:
         "direction_accuracy": round(mean("direction_ok"), 4),
         "colour_and_direction_accuracy": round(mean("both_ok"), 4),
         "mean_monotonic_fraction": round(mean("monotonic_fraction"), 4),
-        "mean_area_cv": round(sum(s["area_cv"] for s in scores if s["area_cv"] == s["area_cv"]) / n, 4),
+        "mean_area_cv": round(mean("area_cv"), 4),
         "both_ok_by_size_TxHxW": {k: round(sum(v) / len(v), 4) for k, v in by_size.items()},
     }
 

@@ -10,9 +10,8 @@ Patcher.unpatchify -> Compressor.decode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -86,10 +85,9 @@ class VideoDiffusion(L.LightningModule):
         )
         self.ema = (
             AveragedModel(self.trained_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            .requires_grad_(False)
             if ema_decay > 0 else None
         )
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------------ training
     def encode(self, videos: list[Tensor]) -> PackedSequence:
