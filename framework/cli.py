@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from typing import Callable
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -64,10 +65,17 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KinetoscopeCLI:
     )
 
 
+# Tool commands that are not Lightning trainer runs: name -> function(argv) -> exit code. Each lives next to
+# the code it drives; add one line here to expose a new one (Lightning's fit/validate/test/predict stay below).
+TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "plugins": plugins_command,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    if words[:1] == ["plugins"]:
-        return plugins_command(words[1:])
+    if words[:1] and words[0] in TOOL_COMMANDS:
+        return TOOL_COMMANDS[words[0]](words[1:])
     cli_main(argv)  # None: LightningCLI reads sys.argv itself
     return 0
 
