@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from framework.data.buckets import ShapeBucketBatchSampler
+from framework.data.buckets import (
+    BucketConfig,
+    BucketGrid,
+    ShapeBucketBatchSampler,
+    TokenBudgetBatchSampler,
+    TokenGeometry,
+    token_budget_batch_sizes,
+)
+from framework.data.manifest import (
+    ClipSampling,
+    ManifestVideoDataset,
+    SkippedSamples,
+    SkippedSamplesReport,
+    read_manifest,
+)
 from framework.data.prompts import PromptDataset, Prompts, collate_prompts, load_prompt_requests
 from framework.data.synthetic import SyntheticMovingShapes
 
@@ -20,6 +36,14 @@ def collate_videos(samples: list[dict]) -> dict:
         "ids": [s["id"] for s in samples],
         "fps": [float(s["fps"]) for s in samples],
     }
+
+
+def collate_manifest(samples: list[dict]) -> dict:
+    """``collate_videos``' format plus ``"skipped"``: files that failed while this batch was decoded (and were
+    replaced by other samples of the same bucket), for ``SkippedSamplesReport``."""
+    batch = collate_videos(samples)
+    batch["skipped"] = [s for sample in samples for s in sample.get("skipped", ())]
+    return batch
 
 
 class GenerationDataModule(L.LightningDataModule):
@@ -58,6 +82,100 @@ class SyntheticVideoDataModule(GenerationDataModule):
             self.dataset,
             batch_sampler=ShapeBucketBatchSampler(shapes, self.batch_size, seed=self.seed),
             collate_fn=collate_videos,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class Batching(str, enum.Enum):
+    """How a manifest's samples form batches (see ``framework/data/buckets.py``)."""
+
+    BUCKETS = "buckets"  # one bucket per batch, batch size from the token budget: dense attention
+    PACKED = "packed"  # mixed buckets packed up to the token budget: block-diagonal attention over a packed sequence
+
+
+class ManifestVideoDataModule(GenerationDataModule):
+    """Trains on a CSV / JSONL manifest of videos and images at their native sizes (``framework/data/manifest.py``).
+
+    Every sample goes to its nearest bucket of ``buckets``; batches hold one bucket each (``batching: buckets``, batch
+    size = ``tokens_per_batch`` / the bucket's token count) or mixed buckets packed up to ``tokens_per_batch`` tokens
+    (``batching: packed``). ``geometry`` must match the model's compressor factors and patch size. Under DDP set
+    ``trainer.use_distributed_sampler=false``: the batch samplers give each rank distinct batches themselves.
+    Skipped files are reported at every epoch end by ``SkippedSamplesReport`` (added to the trainer if missing).
+    """
+
+    def __init__(
+        self,
+        manifest: Path,
+        buckets: BucketConfig | None = None,
+        geometry: TokenGeometry | None = None,
+        tokens_per_batch: int = 4096,
+        max_batch_size: int | None = None,
+        batching: Batching = Batching.BUCKETS,
+        clip: ClipSampling | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        prompts: Prompts | None = None,
+    ) -> None:
+        super().__init__(prompts)
+        if tokens_per_batch < 1:
+            raise ValueError(f"ManifestVideoDataModule: tokens_per_batch must be >= 1, got {tokens_per_batch}")
+        self.manifest = Path(manifest)
+        self.grid = BucketGrid(buckets or BucketConfig())
+        self.geometry = geometry or TokenGeometry()
+        self.bucket_tokens = {b: self.geometry.tokens(b) for b in self.grid.buckets}  # validates every bucket size
+        self.tokens_per_batch, self.max_batch_size, self.batching = tokens_per_batch, max_batch_size, batching
+        self.clip = clip or ClipSampling()
+        self.drop_last, self.seed, self.num_workers = drop_last, seed, num_workers
+        self._dataset: ManifestVideoDataset | None = None
+
+    @property
+    def dataset(self) -> ManifestVideoDataset:
+        """Built on first use (probing files without metadata), not when a config is parsed."""
+        if self._dataset is None:
+            self._dataset = ManifestVideoDataset(read_manifest(self.manifest), self.grid, self.clip)
+            if not len(self._dataset):
+                raise ValueError(f"manifest {self.manifest}: no usable samples\n"
+                                 + self._dataset.skipped.report("left out"))
+        return self._dataset
+
+    @property
+    def skipped_samples(self) -> SkippedSamples:
+        """Files left out when the dataset was built (missing, unreadable, no fitting bucket)."""
+        return self.dataset.skipped
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.trainer is None:
+            return
+        self.dataset  # noqa: B018  (build now, so bad manifests fail before training starts)
+        if not any(isinstance(cb, SkippedSamplesReport) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(SkippedSamplesReport())
+
+    def batch_sampler(self, rank: int | None = None, world_size: int | None = None):
+        """The training batch sampler; rank and world size default to the trainer's."""
+        if self.trainer is not None:
+            if self.trainer.world_size > 1 and self.trainer._accelerator_connector.use_distributed_sampler:
+                raise ValueError("ManifestVideoDataModule shards batches across ranks itself: "
+                                 "set trainer.use_distributed_sampler=false")
+            rank = self.trainer.global_rank if rank is None else rank
+            world_size = self.trainer.world_size if world_size is None else world_size
+        buckets = self.dataset.buckets
+        if self.batching is Batching.PACKED:
+            return TokenBudgetBatchSampler(
+                [self.bucket_tokens[b] for b in buckets], self.tokens_per_batch, seed=self.seed,
+                drop_last=self.drop_last, rank=rank, world_size=world_size, max_batch_size=self.max_batch_size,
+            )
+        sizes = token_budget_batch_sizes(self.grid.buckets, self.geometry, self.tokens_per_batch, self.max_batch_size)
+        return ShapeBucketBatchSampler(
+            buckets, sizes, seed=self.seed, drop_last=self.drop_last, rank=rank, world_size=world_size
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.batch_sampler(),
+            collate_fn=collate_manifest,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

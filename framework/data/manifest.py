@@ -1,0 +1,440 @@
+"""Manifest datasets: captioned videos and images on disk, decoded at (near) their native size.
+
+A manifest is a CSV or JSONL file with one row per file:
+
+* ``path`` (required): relative paths resolve against the manifest's folder;
+* ``caption`` or ``captions`` (one is required): in CSV, ``captions`` may hold a JSON list; one is drawn per sample;
+* optional ``fps``, ``frames`` (or ``num_frames``), ``width``, ``height``: when all are present for a row the file is
+  not opened until it is used; otherwise it is probed once when the dataset is built.
+
+Videos are decoded with PyAV: the decoder seeks to the clip start, then keeps the frame nearest to each target time
+``start + k / fps`` (fps resampling; ``frame_stride`` keeps every n-th native frame instead), and only the kept
+frames are converted to RGB, resized (aspect preserved, covering the bucket) and centre-cropped in swscale.
+PNG / JPEG images are 1-frame videos, so images and videos train in one run.
+
+Bad data never stops a run and no good sample is dropped: missing, unreadable, corrupt, truncated and zero-frame
+files, and samples no bucket fits (e.g. images smaller than the smallest bucket), are skipped and recorded as
+``SkippedSample(path, reason)``. Files found bad while building the dataset are left out of it; files that fail while
+decoding in a worker are replaced by another sample of the same bucket, and the failure travels with the batch
+(``batch["skipped"]``) to ``SkippedSamplesReport``, which reports count and paths at every epoch end.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from framework.data.buckets import Bucket, BucketGrid, resize_crop_plan
+from framework.video_io import (
+    _AVCOL_BT709,
+    _SWS_FLAGS,
+    IMAGE_SUFFIXES,
+    VideoDecodeError,
+    _check_readable,
+    _open_video,
+    _read_image,
+    _stream_fps,
+    probe_video,
+)
+from av.video.reformatter import Colorspace
+
+log = logging.getLogger("kinetoscope.data")
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+
+
+# ---------------------------------------------------------------------------------------------- skipped samples
+@dataclass(frozen=True)
+class SkippedSample:
+    path: str
+    reason: str
+
+
+@dataclass
+class SkippedSamples:
+    """Files left out of training, with why; one entry per file (the first reason seen)."""
+
+    entries: dict[str, str] = field(default_factory=dict)
+
+    def add(self, path: str | Path, reason: str) -> None:
+        self.entries.setdefault(str(path), reason)
+
+    def extend(self, samples: Sequence[SkippedSample]) -> None:
+        for s in samples:
+            self.add(s.path, s.reason)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self.entries)
+
+    def report(self, title: str) -> str:
+        lines = [f"{title}: {len(self)} skipped"]
+        lines += [f"  {path}: {self.entries[path]}" for path in self.paths]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ manifest
+@dataclass(frozen=True)
+class ManifestRow:
+    path: Path  # absolute
+    captions: tuple[str, ...]
+    fps: float | None = None
+    frames: int | None = None
+    width: int | None = None
+    height: int | None = None
+    name: str = ""  # the path as written in the manifest (the sample id)
+
+    @property
+    def is_image(self) -> bool:
+        return self.path.suffix.lower() in IMAGE_SUFFIXES
+
+    @property
+    def has_metadata(self) -> bool:
+        sizes = self.frames is not None and self.width is not None and self.height is not None
+        return sizes and (self.is_image or bool(self.fps))
+
+
+_NUMERIC_COLUMNS = {"fps": float, "frames": int, "num_frames": int, "width": int, "height": int}
+
+
+def read_manifest(manifest: str | Path) -> list[ManifestRow]:
+    """Rows of a ``.csv`` or ``.jsonl`` manifest; errors name the file, the line and the column at fault."""
+    manifest = Path(manifest)
+    if manifest.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise ValueError(f"manifest {manifest}: expected a {' or '.join(MANIFEST_SUFFIXES)} file")
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest} does not exist")
+    if manifest.suffix.lower() == ".csv":
+        with manifest.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            _check_columns(manifest, columns, "header")
+            records = [(line, row) for line, row in enumerate(reader, start=2)]
+    else:
+        records = []
+        for line, text in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"manifest {manifest}, line {line}: not valid JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"manifest {manifest}, line {line}: expected a JSON object, got {type(row).__name__}")
+            _check_columns(manifest, list(row), f"line {line}")
+            records.append((line, row))
+    return [_parse_row(manifest, line, row) for line, row in records]
+
+
+def _check_columns(manifest: Path, columns: list[str], where: str) -> None:
+    if "path" not in columns:
+        raise ValueError(f"manifest {manifest} ({where}): missing column 'path'; found columns {columns}")
+    if "caption" not in columns and "captions" not in columns:
+        raise ValueError(f"manifest {manifest} ({where}): missing column 'caption' (or 'captions'); "
+                         f"found columns {columns}")
+
+
+def _parse_row(manifest: Path, line: int, row: dict) -> ManifestRow:
+    where = f"manifest {manifest}, line {line}"
+    name = str(row.get("path") or "").strip()
+    if not name:
+        raise ValueError(f"{where}: empty 'path'")
+    captions = row.get("captions")
+    if isinstance(captions, str) and captions.strip().startswith("["):
+        try:
+            captions = json.loads(captions)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: column 'captions' is not a JSON list ({err})") from None
+    if captions in (None, ""):
+        captions = [row.get("caption") or ""]
+    elif isinstance(captions, str):
+        captions = [captions]
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"{where}: column 'captions' must be a non-empty list of strings, got {captions!r}")
+    values = {}
+    for column, kind in _NUMERIC_COLUMNS.items():
+        raw = row.get(column)
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            continue
+        try:
+            values[column] = kind(float(raw)) if kind is int else kind(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: column {column!r} must be a number, got {raw!r}") from None
+    path = Path(name)
+    return ManifestRow(
+        path=path if path.is_absolute() else (manifest.parent / path).resolve(),
+        captions=tuple(captions),
+        fps=values.get("fps") or None,
+        frames=values.get("frames", values.get("num_frames")),
+        width=values.get("width"),
+        height=values.get("height"),
+        name=name,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ decoding
+class ClipStart(str, enum.Enum):
+    RANDOM = "random"  # uniform over all starts that fit (training)
+    BEGINNING = "beginning"
+    MIDDLE = "middle"
+
+
+@dataclass
+class ClipSampling:
+    """Which frames of a video make a clip: ``fps`` resamples to that rate (None: the native rate, keeping every
+    ``frame_stride``-th frame); the clip length is the bucket's frame count; ``start`` places it in the video."""
+
+    fps: float | None = None
+    frame_stride: int = 1
+    start: ClipStart = ClipStart.RANDOM
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"ClipSampling.fps must be > 0 or None, got {self.fps}")
+        if self.frame_stride < 1:
+            raise ValueError(f"ClipSampling.frame_stride must be >= 1, got {self.frame_stride}")
+
+    def step_s(self, native_fps: float) -> float:
+        """Seconds between two clip frames."""
+        return 1.0 / self.fps if self.fps is not None else self.frame_stride / native_fps
+
+    def usable_frames(self, native_frames: int, native_fps: float) -> int:
+        """How many clip frames a video of ``native_frames`` at ``native_fps`` can give."""
+        if native_frames < 1 or not native_fps > 0:
+            return 0
+        span = (native_frames - 1) / native_fps
+        return int(math.floor(span / self.step_s(native_fps) + 1e-6)) + 1
+
+    def start_s(self, native_frames: int, native_fps: float, clip_frames: int, rng: random.Random) -> float:
+        """Clip start in seconds, on a native frame, such that the whole clip lies inside the video."""
+        latest = (native_frames - 1) / native_fps - (clip_frames - 1) * self.step_s(native_fps)
+        last_index = max(0, int(math.floor(latest * native_fps + 1e-6)))
+        if self.start is ClipStart.RANDOM:
+            index = rng.randint(0, last_index)
+        elif self.start is ClipStart.MIDDLE:
+            index = last_index // 2
+        else:
+            index = 0
+        return index / native_fps
+
+
+def _convert(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
+    """Decoded frame -> uint8 ``[height, width, 3]``, scaled by swscale, honouring BT.709 tags."""
+    src = Colorspace.ITU709 if frame.colorspace == _AVCOL_BT709 else None
+    return frame.reformat(
+        width=width, height=height, format="rgb24", src_colorspace=src, interpolation=_SWS_FLAGS
+    ).to_ndarray()
+
+
+def decode_clip(path: str | Path, bucket: Bucket, start_s: float, step_s: float) -> Tensor:
+    """Decode ``bucket.frames`` frames at times ``start_s + k * step_s`` (seconds from the stream start), resized
+    keeping the aspect ratio and centre-cropped to the bucket -> float ``[3, T, H, W]`` in [-1, 1].
+
+    Seeks to the keyframe before ``start_s``; each target time takes the nearest decoded frame. Raises
+    ``VideoDecodeError`` for unreadable files and for streams that end before the clip does (truncated files).
+    """
+    path = Path(path)
+    _check_readable(path)
+    targets = [start_s + k * step_s for k in range(bucket.frames)]
+    chosen: list[av.VideoFrame] = []
+    with _open_video(path) as (container, stream):
+        base = stream.time_base
+        origin = stream.start_time or 0
+        native_fps = _stream_fps(stream) or 1.0 / step_s
+        if start_s > 0 and base is not None:
+            container.seek(origin + int(start_s / base), stream=stream, backward=True)
+        prev, prev_t = None, -math.inf
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                t = float((frame.pts - origin) * base) if frame.pts is not None and base else index / native_fps
+                while len(chosen) < len(targets) and t >= targets[len(chosen)]:
+                    target = targets[len(chosen)]
+                    chosen.append(frame if prev is None or t - target <= target - prev_t else prev)
+                if len(chosen) == len(targets):
+                    break
+                prev, prev_t = frame, t
+        except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as err:
+            raise VideoDecodeError(path, f"{type(err).__name__} while decoding: {err}") from err
+        # the last frame also serves targets up to one frame period after it
+        while prev is not None and len(chosen) < len(targets) and targets[len(chosen)] - prev_t <= 1.0 / native_fps:
+            chosen.append(prev)
+        if len(chosen) < len(targets):
+            got = "no frames" if prev is None else f"the stream ends at {prev_t:.3f}s"
+            raise VideoDecodeError(
+                path, f"clip of {len(targets)} frames from {start_s:.3f}s needs {targets[-1]:.3f}s but {got} "
+                      "(truncated or zero-frame file?)"
+            )
+        first = chosen[0]
+        rh, rw, top, left = resize_crop_plan(first.height, first.width, bucket.height, bucket.width)
+        converted: dict[int, np.ndarray] = {}
+        frames = []
+        for frame in chosen:  # a repeated frame (fps upsampling) is converted once
+            if id(frame) not in converted:
+                converted[id(frame)] = _convert(frame, rh, rw)[top : top + bucket.height, left : left + bucket.width]
+            frames.append(converted[id(frame)])  # [H, W, 3]
+    return _to_video(np.stack(frames))  # [3, T, H, W]
+
+
+def load_image(path: str | Path, bucket: Bucket) -> Tensor:
+    """A still as a 1-frame video: aspect-preserving resize covering the bucket, centre crop -> ``[3, 1, H, W]``."""
+    rgb = _read_image(Path(path))  # [h, w, 3]; raises VideoDecodeError when unreadable
+    rh, rw, top, left = resize_crop_plan(rgb.shape[0], rgb.shape[1], bucket.height, bucket.width)
+    resized = np.array(Image.fromarray(rgb).resize((rw, rh), Image.Resampling.BICUBIC))  # [rh, rw, 3]
+    return _to_video(resized[None, top : top + bucket.height, left : left + bucket.width])  # [3, 1, H, W]
+
+
+def _to_video(frames: np.ndarray) -> Tensor:
+    """uint8 ``[T, H, W, 3]`` -> float ``[3, T, H, W]`` in [-1, 1] (the inverse of ``video_io.to_uint8_frames``)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames))  # [T, H, W, 3]
+    return x.permute(3, 0, 1, 2).float() / 127.5 - 1.0  # [3, T, H, W]
+
+
+# ------------------------------------------------------------------------------------------------------ dataset
+@dataclass(frozen=True)
+class SampleInfo:
+    """What the samplers need without decoding: the row, its native size and its bucket."""
+
+    row: ManifestRow
+    native_frames: int
+    native_fps: float  # 0.0 for images
+    bucket: Bucket
+
+
+class ManifestVideoDataset(Dataset):
+    """Samples of a manifest at their bucket's size: ``{"video": [3, T, H, W], "caption", "id", "fps", "skipped"}``.
+
+    Building it probes rows without full metadata, drops rows no bucket fits and records every left-out file in
+    ``skipped``. A file that fails later, while decoding, is replaced by the next good sample of its bucket and
+    reported in the sample's ``skipped`` list.
+    """
+
+    def __init__(self, rows: Sequence[ManifestRow], grid: BucketGrid, clip: ClipSampling | None = None) -> None:
+        self.grid, self.clip = grid, clip or ClipSampling()
+        self.skipped = SkippedSamples()
+        self.samples: list[SampleInfo] = []
+        for row in rows:
+            info = self._inspect(row)
+            if isinstance(info, str):
+                self.skipped.add(row.path, info)
+            else:
+                self.samples.append(info)
+        self.by_bucket: dict[Bucket, list[int]] = {}
+        for index, info in enumerate(self.samples):
+            self.by_bucket.setdefault(info.bucket, []).append(index)
+        self._known_bad: dict[int, str] = {}  # per worker process: indices that failed to decode
+
+    def _inspect(self, row: ManifestRow) -> SampleInfo | str:
+        if not row.path.is_file():
+            return "file does not exist" if not row.path.exists() else "not a regular file"
+        if row.has_metadata:
+            frames, fps, width, height = row.frames, row.fps or 0.0, row.width, row.height
+        else:
+            try:
+                meta = probe_video(row.path)
+            except VideoDecodeError as err:
+                return err.reason
+            frames, fps, width, height = meta["frames"], meta["fps"], meta["width"], meta["height"]
+        if row.is_image:
+            usable = 1
+        elif not fps or fps <= 0:
+            return "unknown frame rate"
+        else:
+            usable = self.clip.usable_frames(int(frames), float(fps))
+        if usable < 1:
+            return "no frames"
+        bucket = self.grid.assign(usable, int(height), int(width))
+        if isinstance(bucket, str):
+            return bucket
+        return SampleInfo(row, int(frames), 0.0 if row.is_image else float(fps), bucket)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        """The bucket of every sample, by index (for the batch samplers)."""
+        return [s.bucket for s in self.samples]
+
+    def load(self, index: int, bucket: Bucket, rng: random.Random) -> tuple[Tensor, float]:
+        """Decode sample ``index`` at ``bucket``'s size -> (video [3, T, H, W], clip fps)."""
+        info = self.samples[index]
+        if info.row.is_image:
+            return load_image(info.row.path, bucket), 0.0
+        step = self.clip.step_s(info.native_fps)
+        start = self.clip.start_s(info.native_frames, info.native_fps, bucket.frames, rng)
+        return decode_clip(info.row.path, bucket, start, step), 1.0 / step
+
+    def __getitem__(self, index: int) -> dict:
+        rng = random.Random(random.random())  # worker RNGs are seeded by Lightning (seed_everything(workers=True))
+        bucket = self.samples[index].bucket
+        skipped: list[SkippedSample] = []
+        for candidate in self._replacements(index):
+            if candidate in self._known_bad:
+                skipped.append(SkippedSample(str(self.samples[candidate].row.path), self._known_bad[candidate]))
+                continue
+            try:
+                video, fps = self.load(candidate, bucket, rng)
+            except (VideoDecodeError, OSError, ValueError, RuntimeError, av.error.FFmpegError) as err:
+                reason = err.reason if isinstance(err, VideoDecodeError) else f"{type(err).__name__}: {err}"
+                self._known_bad[candidate] = reason
+                skipped.append(SkippedSample(str(self.samples[candidate].row.path), reason))
+                continue
+            info = self.samples[candidate]
+            return {"video": video, "caption": rng.choice(info.row.captions), "id": info.row.name, "fps": fps,
+                    "skipped": skipped}
+        raise RuntimeError(f"no decodable sample left for bucket {bucket.shape}: "
+                           + "; ".join(f"{s.path}: {s.reason}" for s in skipped))
+
+    def _replacements(self, index: int) -> Iterator[int]:
+        """``index`` first, then the rest of its bucket in order, then any sample long enough for the bucket."""
+        bucket = self.samples[index].bucket
+        same = self.by_bucket[bucket]
+        at = same.index(index)
+        yield from same[at:] + same[:at]
+        yield from (i for i, s in enumerate(self.samples) if s.bucket != bucket and s.bucket.frames >= bucket.frames)
+
+
+class SkippedSamplesReport(L.Callback):
+    """Reports, at each training epoch end, the files skipped so far: count (logged as ``data/skipped_samples``)
+    and every path with its reason (logged as a warning on ``kinetoscope.data``).
+
+    Collects ``batch["skipped"]`` from every training batch, plus ``trainer.datamodule.skipped_samples`` (files left
+    out when the dataset was built). ``ManifestVideoDataModule`` adds this callback itself when it is missing.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = SkippedSamples()
+        self.last_report: SkippedSamples | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if isinstance(batch, dict):
+            self.epoch.extend(batch.get("skipped", ()))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        report = SkippedSamples()
+        at_setup = getattr(trainer.datamodule, "skipped_samples", None)
+        if at_setup is not None:
+            report.entries.update(at_setup.entries)
+        report.entries.update(self.epoch.entries)
+        self.last_report, self.epoch = report, SkippedSamples()
+        pl_module.log("data/skipped_samples", float(len(report)), on_epoch=True, on_step=False)
+        if len(report):
+            log.warning(report.report(f"epoch {trainer.current_epoch} (rank {trainer.global_rank})"))

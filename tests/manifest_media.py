@@ -1,0 +1,101 @@
+"""Small media files for the manifest / bucket tests: frame-numbered videos, stills and broken files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from framework.video_io import write_frame_grid, write_video
+
+LEVEL_STEP = 8  # grey level step between consecutive frames of a numbered clip
+
+
+def numbered_video(frames: int, height: int, width: int) -> torch.Tensor:
+    """Frame k is uniform grey at level k * LEVEL_STEP, so a decoded frame tells which source frame it was."""
+    levels = torch.arange(frames, dtype=torch.float32) * LEVEL_STEP / 127.5 - 1.0  # [T]
+    return levels[None, :, None, None].expand(3, frames, height, width).clone()  # [3, T, H, W]
+
+
+def frame_numbers(video: torch.Tensor) -> list[int]:
+    """Inverse of ``numbered_video`` for decoded clips: the source frame index of each frame."""
+    centre = video[:, :, video.shape[2] // 2, video.shape[3] // 2].mean(0)  # [T]
+    return [round(v) for v in ((centre + 1.0) * 127.5 / LEVEL_STEP).tolist()]
+
+
+def write_numbered_mp4(path: Path, frames: int, height: int, width: int, fps: float) -> Path:
+    return write_video(path, numbered_video(frames, height, width), fps=fps)
+
+
+def write_still(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    return write_frame_grid(path, torch.rand(3, 1, height, width, generator=g) * 2 - 1)
+
+
+def write_corrupt(path: Path) -> Path:
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return path
+
+
+def write_truncated_mp4(path: Path) -> Path:
+    write_numbered_mp4(path, 12, 32, 32, fps=8)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def write_zero_frame_avi(path: Path) -> Path:
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()  # header + index, but not a single frame
+    return path
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """CSV (by suffix .csv, columns = union of the rows' keys) or JSONL."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def mixed_media(folder: Path) -> tuple[list[dict], dict[str, str]]:
+    """Good videos (landscape, portrait, square) and stills, plus one broken file of each kind.
+
+    -> (manifest rows with relative paths, {broken file name: what is wrong with it}).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (t, h, w) in {
+        "wide.mp4": (12, 36, 64), "tall.mp4": (12, 64, 36), "square.mp4": (10, 48, 48), "short.mp4": (5, 32, 32),
+    }.items():
+        write_numbered_mp4(folder / name, t, h, w, fps=8)
+        rows.append({"path": name, "caption": f"a clip called {name}"})
+    for i, (h, w) in enumerate([(36, 64), (48, 48), (64, 40)]):
+        write_still(folder / f"still{i}.png", h, w, seed=i)
+        rows.append({"path": f"still{i}.png", "caption": f"still number {i}"})
+    broken = {
+        "corrupt.mp4": "random bytes",
+        "truncated.mp4": "cut in half",
+        "zero.avi": "no frames",
+        "missing.mp4": "does not exist",
+        "broken.png": "not an image",
+        "tiny.png": "smaller than every bucket",
+    }
+    write_corrupt(folder / "corrupt.mp4")
+    write_truncated_mp4(folder / "truncated.mp4")
+    write_zero_frame_avi(folder / "zero.avi")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    write_still(folder / "tiny.png", 8, 8)
+    rows += [{"path": name, "caption": f"broken: {why}"} for name, why in broken.items()]
+    return rows, broken
