@@ -13,6 +13,7 @@ from typing import Callable
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from framework.data.scan import scan_command
 from framework.registry import PLUGIN_KINDS, default_registry, format_plugin_table
 
 
@@ -69,6 +70,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> KinetoscopeCLI:
 # the code it drives; add one line here to expose a new one (Lightning's fit/validate/test/predict stay below).
 TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "plugins": plugins_command,
+    "scan": scan_command,
 }
 
 
