@@ -1,0 +1,59 @@
+"""DDPM: Gaussian diffusion sampled by ancestral steps through the true posterior.
+
+Ho et al., "Denoising Diffusion Probabilistic Models" (2020), Algorithm 2: from ``x_i`` the model's clean estimate
+``x0`` gives the Gaussian posterior ``q(x_j | x_i, x0)`` of an earlier step ``j``, with mean
+``sqrt(abar_j) beta / (1 - abar_i) x0 + sqrt(1 - beta) (1 - abar_j) / (1 - abar_i) x_i`` and variance
+``beta (1 - abar_j) / (1 - abar_i)``, where ``beta = 1 - abar_i / abar_j`` (the "fixed small" variance; with
+``steps < T`` the strided chain of Nichol & Dhariwal 2021 uses the same formula over the skipped steps). A fresh
+Gaussian is drawn at every step, so the sampler is stochastic; it is seeded once per ``sample`` call from
+``noise_seed``, which makes a given initial noise always produce the same output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from framework.interfaces import ModelFn, StepCallback
+from framework.packing import PackedSequence
+from plugins.samplers.gaussian_diffusion import BetaSchedule, GaussianDiffusion, Prediction, sampling_generator
+
+
+class DDPM(GaussianDiffusion):
+    """DDPM (Ho et al. 2020): epsilon or v training on a linear/cosine schedule, ancestral sampling."""
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: BetaSchedule = BetaSchedule.LINEAR,
+        prediction: Prediction = Prediction.EPSILON,
+        zero_terminal_snr: bool = False,
+        noise_seed: int = 0,
+    ) -> None:
+        super().__init__(num_train_timesteps, beta_schedule, prediction, zero_terminal_snr)
+        self.noise_seed = noise_seed
+
+    @torch.no_grad()
+    def sample(
+        self, model_fn: ModelFn, noise: PackedSequence, steps: int, callback: StepCallback | None = None
+    ) -> PackedSequence:
+        indices = self.sampling_indices(steps)
+        generator = sampling_generator(self.noise_seed, noise.tokens.device)
+        x = noise
+        for k, index in enumerate(indices):
+            prev = indices[k + 1] if k + 1 < len(indices) else -1
+            x0, _ = self.denoise(model_fn, x, index)  # [N, D]
+            abar, abar_prev = self.alpha_sigma(index)[0] ** 2, self.alpha_sigma(prev)[0] ** 2
+            beta = 1 - abar / abar_prev
+            mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (
+                math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+            ) * x.tokens  # [N, D]
+            variance = beta * (1 - abar_prev) / (1 - abar)
+            if variance > 0:
+                z = torch.randn(x.tokens.shape, generator=generator, device=x.tokens.device, dtype=x.tokens.dtype)
+                mean = mean + math.sqrt(variance) * z
+            x = x.with_tokens(mean)
+            if callback is not None:
+                callback(k, torch.full((x.num_samples,), self.timestep(prev), device=x.tokens.device), x)
+        return x

@@ -1,0 +1,41 @@
+"""Rectified flow sampled with Heun's second-order method.
+
+Training is RectifiedFlow's unchanged (velocity target, logit-normal timesteps, sequence-length dependent time shift;
+Liu et al. 2022, Lipman et al. 2023, Esser et al. 2024). Sampling integrates the same ODE ``dx/dt = v(x, t)`` from
+t = 1 to 0 on the same shifted time grid, but with Heun's method (explicit trapezoidal rule) as in Karras et al.,
+"Elucidating the Design Space of Diffusion-Based Generative Models" (2022), Algorithm 1: an Euler predictor, a
+second velocity evaluation at the predicted point, and the average of both slopes. Karras et al. make the step
+that ends at sigma = 0 a plain Euler step because their denoiser parameterisation is singular there; the
+rectified-flow velocity at t = 0 is finite, and the last step is the longest under a time shift (1/4 of the way
+for shift 3 and 10 steps), so here it is corrected too. Two model calls per step buy a global error of
+O(1/steps^2) instead of Euler's O(1/steps).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from framework.interfaces import ModelFn, StepCallback
+from framework.packing import PackedSequence
+from plugins.samplers.rectified_flow import RectifiedFlow
+
+
+class RectifiedFlowHeun(RectifiedFlow):
+    """Rectified-flow training with Heun (2nd-order) sampling on the shifted schedule: 2 model calls per step."""
+
+    @torch.no_grad()
+    def sample(
+        self, model_fn: ModelFn, noise: PackedSequence, steps: int, callback: StepCallback | None = None
+    ) -> PackedSequence:
+        times = self.schedule(steps, noise)  # [S + 1, B]
+        x = noise
+        for i in range(steps):
+            t, t_next = times[i], times[i + 1]  # [B]
+            velocity = model_fn(x, t).tokens  # [N, D]
+            dt = x.per_token(t_next - t)[:, None].to(velocity.dtype)  # [N, 1], negative
+            predicted = x.with_tokens(x.tokens + dt * velocity)  # Euler predictor
+            velocity_next = model_fn(predicted, t_next).tokens  # [N, D] slope at the end of the step
+            x = x.with_tokens(x.tokens + dt * 0.5 * (velocity + velocity_next))  # trapezoidal corrector
+            if callback is not None:
+                callback(i, t_next, x)
+        return x
