@@ -22,7 +22,7 @@ import torch
 from framework.guidance import guided_model_fn
 from framework.interfaces import Conditioning, Denoiser, DenoiserIO
 from framework.packing import PackedSequence
-from plugins.samplers.rectified_flow import RectifiedFlow, shift_time
+from plugins.samplers.rectified_flow import FlowPrediction, RectifiedFlow, shift_time
 
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64)  # [K, 2]
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)  # [K]
@@ -47,6 +47,12 @@ def mixture_model_fn(x: PackedSequence, t: torch.Tensor) -> PackedSequence:
     """A perfect model: the exact velocity for every token, with t [B] broadcast per token."""
     assert t.shape == (x.num_samples,)
     return x.with_tokens(exact_velocity(x.tokens, x.per_token(t)).to(x.tokens.dtype))
+
+
+def mixture_clean_fn(x: PackedSequence, t: torch.Tensor) -> PackedSequence:
+    """A perfect clean-data model: E[x0 | x_t] = x_t - t v, from the exact velocity."""
+    tt = x.per_token(t)[:, None].double()
+    return x.with_tokens((x.tokens.double() - tt * exact_velocity(x.tokens, x.per_token(t))).to(x.tokens.dtype))
 
 
 def sample_mixture(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -110,6 +116,16 @@ def test_euler_sampling_of_exact_velocity_reproduces_the_mixture(noise_tokens, s
     assert out.tokens.shape == noise.tokens.shape and out.grid_sizes == noise.grid_sizes
     assert torch.equal(out.cu_seqlens, noise.cu_seqlens) and torch.equal(out.positions, noise.positions)
     assert_matches_mixture(out.tokens)
+
+
+def test_clean_prediction_of_the_exact_posterior_mean_reproduces_the_mixture(noise_tokens) -> None:
+    """prediction=clean turns E[x0 | x_t] into the same velocity, so Euler sampling lands on the same mixture."""
+    sampler = RectifiedFlow(shift=3.0, prediction=FlowPrediction.CLEAN)
+    noise = one_sample_pack(noise_tokens)
+    out = sampler.sample(mixture_clean_fn, noise, steps=100)
+    assert_matches_mixture(out.tokens)
+    reference = RectifiedFlow(shift=3.0).sample(mixture_model_fn, noise, steps=100)
+    torch.testing.assert_close(out.tokens, reference.tokens, atol=1e-4, rtol=1e-4)
 
 
 def test_sampling_with_per_sample_shifts_reproduces_the_mixture(noise_tokens) -> None:
@@ -213,6 +229,24 @@ def test_training_loss_is_per_sample_and_zero_for_the_true_target() -> None:
     assert loss.max() < 1e-8
 
 
+def test_clean_prediction_loss_is_the_velocity_error_and_zero_for_the_true_data() -> None:
+    """With prediction=clean the loss is |(x_t - x0_hat) / max(t, t_min) - (eps - x0)|^2: zero when x0_hat = x0,
+    and for x0_hat = x0 + d it is |d|^2 / max(t, t_min)^2 per token (mean over the token's channels)."""
+    sampler = RectifiedFlow(logit_std=1.5, prediction=FlowPrediction.CLEAN, t_min=0.05)
+    clean = varied_pack(sample_mixture(60, torch.Generator().manual_seed(1)), [10, 20, 30])
+    exact = sampler.training_loss(lambda x, t: x.with_tokens(clean.tokens), clean, torch.Generator().manual_seed(0))
+    assert exact.shape == (3,) and exact.max() < 1e-10
+    seen_t = []
+
+    def offset(x, t):
+        seen_t.append(t)
+        return x.with_tokens(clean.tokens + 0.1)
+
+    loss = sampler.training_loss(offset, clean, torch.Generator().manual_seed(0))
+    expected = 0.01 / seen_t[0].clamp_min(0.05) ** 2  # [B]
+    torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=1e-4, atol=1e-6)
+
+
 def test_exact_velocity_beats_a_zero_model_and_loss_is_reproducible() -> None:
     sampler = RectifiedFlow()
     clean = PackedSequence.from_grids(
@@ -246,6 +280,8 @@ def test_training_loss_gradient_flows_to_the_model() -> None:
         ({"shift": 0.0}, "shift"),
         ({"shift": -2.0}, "shift"),
         ({"shift_reference_tokens": -1}, "shift_reference_tokens"),
+        ({"t_min": 0.0}, "t_min"),
+        ({"t_min": 1.0}, "t_min"),
     ],
 )
 def test_invalid_constructor_arguments_raise_naming_the_argument(kwargs, name) -> None:

@@ -6,9 +6,20 @@ drawn logit-normal and shifted towards noise for longer sequences, as in Esser e
 Transformers for High-Resolution Image Synthesis" (SD3, 2024), because more tokens carry more redundant signal and
 need more noise to destroy it. Sampling integrates ``dx/dt = v`` from t = 1 to 0 with Euler steps on the same
 shifted schedule.
+
+The denoiser's output is read as the velocity (``prediction: velocity``) or as the clean data
+(``prediction: clean``). Li & He, "Back to Basics: Let Denoising Generative Models Denoise" (JiT, 2025) show that
+when a token has many dimensions relative to the network width (large pixel-space patches), predicting the velocity
+or the noise fails while predicting clean data works: clean data lies on a low-dimensional manifold, noise does not,
+and a narrow network cannot carry the full-rank noise through. With ``clean``, the predicted velocity is
+``(x_t - x0_hat) / t`` and the loss stays the velocity MSE, ``|x0_hat - x0|^2 / t^2``, with the weight capped
+at ``1 / t_min^2`` for nearly clean samples as in JiT (capping the weight rather than the divisor keeps the true
+clean data the minimiser at every t).
 """
 
 from __future__ import annotations
+
+import enum
 
 import torch
 from torch import Tensor
@@ -20,8 +31,15 @@ def shift_time(t: Tensor, shift: Tensor) -> Tensor:
     """SD3 time shift ``s t / (1 + (s - 1) t)``: s > 1 spends more of the schedule at high noise."""
     return shift * t / (1 + (shift - 1) * t)
 
+class FlowPrediction(str, enum.Enum):
+    """What the denoiser's output means to a rectified-flow sampler."""
+
+    VELOCITY = "velocity"  # v = eps - x0 (Liu et al. 2022; SD3)
+    CLEAN = "clean"  # x0 (JiT, Li & He 2025); turned into a velocity before the loss and the ODE step
+
+
 class RectifiedFlow(Sampler):
-    """Rectified-flow training (velocity target, logit-normal t, sequence-length time shift) with Euler sampling."""
+    """Rectified-flow training (velocity loss, logit-normal t, sequence-length time shift) with Euler sampling."""
 
     def __init__(
         self,
@@ -29,9 +47,12 @@ class RectifiedFlow(Sampler):
         logit_std: float = 1.0,
         shift: float = 1.0,
         shift_reference_tokens: int = 0,
+        prediction: FlowPrediction = FlowPrediction.VELOCITY,
+        t_min: float = 0.05,
     ) -> None:
         """``shift`` applies as is when ``shift_reference_tokens`` is 0; otherwise a sample with L tokens uses
-        ``shift * sqrt(L / shift_reference_tokens)``, so larger videos get proportionally more noise."""
+        ``shift * sqrt(L / shift_reference_tokens)``, so larger videos get proportionally more noise. With
+        ``prediction: clean``, ``t_min`` caps the loss weight ``1 / t^2`` of nearly clean samples (JiT uses 0.05)."""
         super().__init__()
         if logit_std <= 0:
             raise ValueError(f"RectifiedFlow: logit_std must be > 0, got {logit_std}")
@@ -39,8 +60,18 @@ class RectifiedFlow(Sampler):
             raise ValueError(f"RectifiedFlow: shift must be > 0, got {shift}")
         if shift_reference_tokens < 0:
             raise ValueError(f"RectifiedFlow: shift_reference_tokens must be >= 0, got {shift_reference_tokens}")
+        if not 0.0 < t_min < 1.0:
+            raise ValueError(f"RectifiedFlow: t_min must be in (0, 1), got {t_min}")
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.shift, self.shift_reference_tokens = shift, shift_reference_tokens
+        self.prediction, self.t_min = FlowPrediction(prediction), t_min
+
+    def velocity(self, output: Tensor, x_t: Tensor, t_tok: Tensor) -> Tensor:
+        """The velocity [N, D] that a denoiser ``output`` [N, D] stands for at noisy tokens ``x_t`` and times ``t_tok``
+        [N, 1] > 0 (``x_t = (1 - t) x0 + t eps`` gives ``v = eps - x0 = (x_t - x0) / t``)."""
+        if self.prediction is FlowPrediction.VELOCITY:
+            return output
+        return (x_t - output) / t_tok
 
     def sample_shift(self, packed: PackedSequence) -> Tensor:
         """Per-sample time shift [B]."""
@@ -57,8 +88,13 @@ class RectifiedFlow(Sampler):
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)  # [N, D]
         t_tok = clean.per_token(t)[:, None].to(x0.dtype)  # [N, 1]
         x_t = (1 - t_tok) * x0 + t_tok * noise  # [N, D]
-        velocity = model_fn(clean.with_tokens(x_t), t).tokens  # [N, D]
-        per_token = (velocity.float() - (noise - x0).float()).pow(2).mean(dim=1)  # [N]
+        output = model_fn(clean.with_tokens(x_t), t).tokens.float()  # [N, D]
+        if self.prediction is FlowPrediction.VELOCITY:
+            error = output - (noise - x0).float()  # [N, D]
+        else:
+            # (x_t - x0_hat) / t - (eps - x0) = (x0 - x0_hat) / t: the velocity error, with 1 / t capped at 1 / t_min
+            error = (output - x0.float()) / t_tok.float().clamp_min(self.t_min)  # [N, D]
+        per_token = error.pow(2).mean(dim=1)  # [N]
         return clean.per_sample_mean(per_token)  # [B]
 
     def schedule(self, steps: int, packed: PackedSequence) -> Tensor:
@@ -77,7 +113,8 @@ class RectifiedFlow(Sampler):
         x = noise
         for i in range(steps):
             t, t_next = times[i], times[i + 1]  # [B]
-            velocity = model_fn(x, t).tokens  # [N, D]
+            t_tok = x.per_token(t)[:, None].to(x.tokens.dtype)  # [N, 1]
+            velocity = self.velocity(model_fn(x, t).tokens, x.tokens, t_tok)  # [N, D]
             dt = x.per_token(t_next - t)[:, None].to(velocity.dtype)  # [N, 1], negative
             x = x.with_tokens(x.tokens + dt * velocity)
             if callback is not None:
