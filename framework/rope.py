@@ -3,6 +3,21 @@
 Each attention head's channels are split into three groups that rotate with the token's frame, row and column
 index respectively (as in Open-Sora 2 / HunyuanVideo / Wan). Because attention then depends only on relative
 offsets, one model serves any number of frames, resolution and aspect ratio.
+
+Scaling rule (how one model serves many sizes):
+
+1. Positions are token-grid indices -- one unit per patch, at every size and aspect ratio -- never normalised to the
+   canvas. A 16:9, a 9:16 and a 1:1 sample therefore share the same geometry per patch (an object 3 patches wide
+   has the same rotary phase difference across it in all three); only the extent of the grid differs. This is what
+   native-size training relies on: mixed sizes in a batch are consistent with each other, and a model trained on
+   landscape, portrait and square buckets samples all three from one checkpoint.
+2. Training on mixed sizes covers every relative offset up to the largest trained grid extent along each axis.
+   Sampling at any size whose grid fits inside those extents -- any aspect ratio among them -- is interpolation.
+3. Beyond the trained extent (e.g. sampling 1920x1080 after training at 512 px), the lowest frequencies would rotate
+   through angles never seen in training. ``position_scale`` then applies position interpolation (Chen et al. 2023,
+   "Extending Context Window of Large Language Models via Positional Interpolation"), per axis: positions are
+   multiplied by the largest trained offset over the largest requested one (``interpolation_scale``), so every offset maps back into the
+   trained range, at the price of finer spacing than at training. The default scale is 1 (no change).
 """
 
 from __future__ import annotations
@@ -20,10 +35,28 @@ def split_head_dim(head_dim: int) -> tuple[int, int, int]:
     return dt, dh, head_dim - dt - dh
 
 
+def interpolation_scale(
+    trained_extent: tuple[int, int, int], requested_extent: tuple[int, int, int]
+) -> tuple[float, float, float]:
+    """Per-axis position scale for sampling beyond the trained token-grid extent (rule 3 in the module docstring):
+    the largest trained offset over the largest requested one, ``(trained - 1) / (requested - 1)``, where the request
+    is larger; else 1. Extents are token-grid sizes (t, h, w)."""
+    return tuple(
+        (trained - 1) / (requested - 1) if requested > trained else 1.0
+        for trained, requested in zip(trained_extent, requested_extent)
+    )
+
+
 class Rope3D(nn.Module):
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    """Rotary embedding over (t, h, w) positions. ``position_scale`` (t, h, w) multiplies the positions; keep it at
+    1 for training and for sampling within the trained extent, set it from ``interpolation_scale`` beyond."""
+
+    def __init__(
+        self, head_dim: int, theta: float = 10000.0, position_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ) -> None:
         super().__init__()
         self.axis_dims = split_head_dim(head_dim)
+        self.position_scale = tuple(float(s) for s in position_scale)
         for name, dim in zip("thw", self.axis_dims):
             freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim / 2]
             self.register_buffer(f"freqs_{name}", freqs, persistent=False)
@@ -31,6 +64,8 @@ class Rope3D(nn.Module):
     def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [N, 3] -> cos, sin [N, 1, head_dim / 2] (computed once per forward, shared by all blocks)."""
         freqs = (self.freqs_t, self.freqs_h, self.freqs_w)
+        if self.position_scale != (1.0, 1.0, 1.0):
+            positions = positions * positions.new_tensor(self.position_scale)  # [N, 3]
         angles = torch.cat([positions[:, i, None] * f for i, f in enumerate(freqs)], dim=-1)  # [N, head_dim / 2]
         return angles.cos()[:, None], angles.sin()[:, None]
 

@@ -99,3 +99,16 @@ def mixed_media(folder: Path) -> tuple[list[dict], dict[str, str]]:
     write_still(folder / "tiny.png", 8, 8)
     rows += [{"path": name, "caption": f"broken: {why}"} for name, why in broken.items()]
     return rows, broken
+
+
+def tiny_model():
+    """A VideoDiffusion small enough to train a few steps in a test (pixel space, 4x4 patches)."""
+    from framework.modules import VideoDiffusion
+    from plugins.compressors.pixel import PixelCompressor
+    from plugins.conditioners.hashed_text import HashedTextConditioner
+    from plugins.denoisers.dit import DiT
+    from plugins.patchers.spacetime import SpacetimePatcher
+    from plugins.samplers.rectified_flow import RectifiedFlow
+
+    return VideoDiffusion(PixelCompressor(), SpacetimePatcher(1, 4, 4), DiT(width=32, depth=1, num_heads=2),
+                          HashedTextConditioner(width=32, depth=1, num_heads=2), RectifiedFlow(), sampling_steps=2)

@@ -22,7 +22,7 @@ from framework.data.manifest import (
     load_image,
     read_manifest,
 )
-from manifest_media import frame_numbers, mixed_media, write_manifest, write_numbered_mp4, write_still
+from manifest_media import frame_numbers, mixed_media, tiny_model, write_manifest, write_numbered_mp4, write_still
 
 SMALL_BUCKETS = BucketConfig(resolutions=[16, 24], aspect_ratios=[16 / 9, 1.0, 9 / 16], frame_counts=[1, 4, 8],
                              size_multiple=8, aspect_tolerance=0.25)
@@ -193,18 +193,6 @@ def test_a_file_that_fails_while_decoding_is_replaced_and_reported(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- training run
-def tiny_model():
-    from framework.modules import VideoDiffusion
-    from plugins.compressors.pixel import PixelCompressor
-    from plugins.conditioners.hashed_text import HashedTextConditioner
-    from plugins.denoisers.dit import DiT
-    from plugins.patchers.spacetime import SpacetimePatcher
-    from plugins.samplers.rectified_flow import RectifiedFlow
-
-    return VideoDiffusion(PixelCompressor(), SpacetimePatcher(1, 4, 4), DiT(width=32, depth=1, num_heads=2),
-                          HashedTextConditioner(width=32, depth=1, num_heads=2), RectifiedFlow(), sampling_steps=2)
-
-
 class RecordShapes(L.Callback):
     def __init__(self):
         self.shapes: list[tuple[int, ...]] = []
