@@ -14,6 +14,7 @@ from typing import Callable
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from framework.data.scan import scan_command
+from framework.metrics.evaluation import evaluate_command
 from framework.metrics.i3d_weights import fetch_i3d_command
 from framework.registry import PLUGIN_KINDS, default_registry, format_plugin_table
 
@@ -73,6 +74,7 @@ TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "plugins": plugins_command,
     "scan": scan_command,
     "fetch-i3d": fetch_i3d_command,
+    "evaluate": evaluate_command,
 }
 
 
