@@ -1,0 +1,447 @@
+"""Causal 3D VAE: compresses video 4x in time and 8x in space (both configurable) into a KL-regularised latent.
+
+Design, after the causal video VAEs of MAGVIT-v2 (Yu et al., "Language Model Beats Diffusion", 2023), CogVideoX
+(Yang et al., 2024) and Wan 2.1 (Wan team, 2025):
+
+* **Causal in time.** Every 3D convolution pads only the past (by repeating the first frame), so output frame ``t``
+  depends on input frames ``<= t``. With strided causal convolutions ``1 + 4k`` frames map to ``1 + k`` latent
+  frames: the first frame is encoded on its own, as an image, so a single image (T = 1) is a valid input and images
+  and videos share one latent space.
+* **Local normalisation.** Norms act per position over channels (RMS over C, as Wan's VAE), never across frames or
+  pixels, so chunked and tiled processing sees exactly what whole-clip processing sees, except at tile borders.
+* **KL latent.** The encoder predicts a diagonal Gaussian (mean, log-variance); ``framework.variational`` owns the
+  posterior, the KL term and the per-channel latent statistics that normalise the latent for diffusion.
+* **Memory-bounded inference** (:class:`Tiling`). Time is processed in chunks carried by a *causal cache*: each
+  causal convolution keeps the tail of its previous chunk's input (Wan's "feature cache"), so chunked results equal
+  the whole clip up to float rounding. Space is cut into overlapping tiles blended with linear ramps over the
+  overlap (as diffusers' tiled VAEs do); this is approximate near tile borders (bounded in tests/test_causal_vae.py).
+
+Bad input policy: no silent padding or cropping. A frame count that is not ``1 + k * temporal_factor`` or a height /
+width that is not a multiple of ``spatial_factor`` raises ValueError naming the dimension and the rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from framework.variational import DiagonalGaussian, VariationalCompressor
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+class StreamCache:
+    """State carried between temporal chunks: the tail of each causal convolution's padded input, and which
+    temporal upsamplers have already emitted the (single) first frame."""
+
+    def __init__(self) -> None:
+        self.tails: dict[nn.Module, Tensor] = {}
+        self.started: set[nn.Module] = set()
+
+    def first_call(self, module: nn.Module) -> bool:
+        first = module not in self.started
+        self.started.add(module)
+        return first
+
+
+class CausalConv3d(nn.Module):
+    """3D convolution that pads ``kernel_t - 1`` frames only on the past (repeating the first frame).
+
+    With a ``StreamCache`` the padding of every chunk after the first is the previous chunk's tail instead, so a
+    clip processed chunk by chunk gives the same output as the whole clip. The kept tail starts where the next
+    convolution window starts, which keeps strided (downsampling) convolutions aligned across chunks too.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int] = (3, 3, 3),
+        stride: tuple[int, int, int] = (1, 1, 1),
+    ) -> None:
+        super().__init__()
+        kt, kh, kw = kernel_size
+        self.kernel_t, self.stride_t = kt, stride[0]
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=(0, kh // 2, kw // 2))
+
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        past = cache.tails.get(self) if cache is not None else None
+        if past is None:
+            past = x[:, :, :1].expand(-1, -1, self.kernel_t - 1, -1, -1)  # [B, C, kt-1, H, W] first frame repeated
+        x = torch.cat([past, x], dim=2)  # [B, C, kt-1+T, H, W]
+        if cache is not None:
+            windows = (x.shape[2] - self.kernel_t) // self.stride_t + 1
+            cache.tails[self] = x[:, :, windows * self.stride_t :].clone()  # [B, C, <kt, H, W]
+        return self.conv(x)  # [B, C', T', H', W']
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMS norm over channels at each (t, h, w) position: local, so causal and tile-friendly (Wan's VAE norm)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = x.shape[1] ** 0.5 * self.gain.view(1, -1, 1, 1, 1)  # [1, C, 1, 1, 1]
+        return F.normalize(x, dim=1, eps=1e-6) * scale  # [B, C, T, H, W]
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = ChannelRMSNorm(in_channels), CausalConv3d(in_channels, out_channels)
+        self.norm2, self.conv2 = ChannelRMSNorm(out_channels), CausalConv3d(out_channels, out_channels)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, cache: StreamCache | None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)  # [B, C', T, H, W]
+        h = self.conv2(F.silu(self.norm2(h)), cache)  # [B, C', T, H, W]
+        return self.skip(x) + h  # [B, C', T, H, W]
+
+
+class Upsample(nn.Module):
+    """2x nearest upsampling in space, and optionally causal 2x in time: a causal convolution predicts two frames
+    per frame (initialised to repeat it), and the very first output frame is dropped, so ``1 + k`` -> ``1 + 2k``."""
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
+        self.conv = CausalConv3d(channels, channels)
+        if self.time_conv is not None:
+            weight = torch.zeros(2 * channels, channels, 3, 1, 1)
+            eye = torch.eye(channels)
+            weight[:channels, :, -1, 0, 0], weight[channels:, :, -1, 0, 0] = eye, eye  # both frames = current
+            with torch.no_grad():
+                self.time_conv.conv.weight.copy_(weight)
+                self.time_conv.conv.bias.zero_()
+
+    def forward(self, x: Tensor, cache: StreamCache | None) -> Tensor:
+        if self.time_conv is not None:
+            b, c, t, h, w = x.shape
+            pairs = self.time_conv(x, cache).view(b, 2, c, t, h, w)  # [B, 2, C, T, H, W]
+            x = pairs.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)  # [B, C, 2T, H, W], frame t -> 2t, 2t+1
+            if cache is None or cache.first_call(self):
+                x = x[:, :, 1:]  # [B, C, 2T-1, H, W]: the first frame is an image, it maps to one frame
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")  # [B, C, T', 2H, 2W]
+        return self.conv(x, cache)  # [B, C, T', 2H, 2W]
+
+
+class CausalEncoder(nn.Module):
+    """conv -> [ResBlocks, strided causal conv] per level -> 2 ResBlocks -> norm, SiLU, conv to 2c moments."""
+
+    def __init__(self, channels: list[int], res_blocks: int, temporal_down: list[bool], latent_channels: int) -> None:
+        super().__init__()
+        self.conv_in = CausalConv3d(3, channels[0])
+        self.stages, self.downs = nn.ModuleList(), nn.ModuleList()
+        c = channels[0]
+        for level, width in enumerate(channels):
+            self.stages.append(nn.ModuleList(ResBlock(c if i == 0 else width, width) for i in range(res_blocks)))
+            c = width
+            if level < len(channels) - 1:
+                self.downs.append(CausalConv3d(c, c, (3, 3, 3), stride=(2 if temporal_down[level] else 1, 2, 2)))
+        self.mid = nn.ModuleList([ResBlock(c, c), ResBlock(c, c)])
+        self.norm_out, self.conv_out = ChannelRMSNorm(c), CausalConv3d(c, 2 * latent_channels)
+
+    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
+        x = self.conv_in(x, cache)  # [B, C0, T, H, W]
+        for level, stage in enumerate(self.stages):
+            for block in stage:
+                x = block(x, cache)  # [B, Ci, Ti, Hi, Wi]
+            if level < len(self.downs):
+                x = self.downs[level](x, cache)  # [B, Ci, Ti or 1+(Ti-1)/2, Hi/2, Wi/2]
+        for block in self.mid:
+            x = block(x, cache)  # [B, C, t, h, w]
+        return self.conv_out(F.silu(self.norm_out(x)), cache)  # [B, 2c, t, h, w]
+
+
+class CausalDecoder(nn.Module):
+    """Mirror of the encoder: conv -> 2 ResBlocks -> [ResBlocks, Upsample] per level -> norm, SiLU, conv to RGB."""
+
+    def __init__(self, channels: list[int], res_blocks: int, temporal_up: list[bool], latent_channels: int) -> None:
+        super().__init__()
+        widths = channels[::-1]
+        c = widths[0]
+        self.conv_in = CausalConv3d(latent_channels, c)
+        self.mid = nn.ModuleList([ResBlock(c, c), ResBlock(c, c)])
+        self.stages, self.ups = nn.ModuleList(), nn.ModuleList()
+        for level, width in enumerate(widths):
+            self.stages.append(nn.ModuleList(ResBlock(c if i == 0 else width, width) for i in range(res_blocks + 1)))
+            c = width
+            if level < len(widths) - 1:
+                self.ups.append(Upsample(c, temporal_up[level]))
+        self.norm_out, self.conv_out = ChannelRMSNorm(c), CausalConv3d(c, 3)
+
+    def forward(self, z: Tensor, cache: StreamCache | None = None) -> Tensor:
+        x = self.conv_in(z, cache)  # [B, C, t, h, w]
+        for block in self.mid:
+            x = block(x, cache)  # [B, C, t, h, w]
+        for level, stage in enumerate(self.stages):
+            for block in stage:
+                x = block(x, cache)  # [B, Ci, Ti, Hi, Wi]
+            if level < len(self.ups):
+                x = self.ups[level](x, cache)  # [B, Ci, Ti or 2Ti-1, 2Hi, 2Wi]
+        return self.conv_out(F.silu(self.norm_out(x)), cache)  # [B, 3, T, H, W]
+
+
+# ------------------------------------------------------------------------------------------------------ tiling
+@dataclass
+class Tiling:
+    """Memory-bounded encode/decode. Sizes are in *latent* units so encoder and decoder tiles line up.
+
+    Time: the first latent frame (the image frame) is its own chunk, then ``chunk_latent_frames`` latent frames
+    (``chunk_latent_frames * temporal_factor`` video frames) per chunk, carried by causal caches (exact).
+    Space: ``tile_latent`` x ``tile_latent`` tiles overlapping by ``overlap_latent``, blended with linear ramps.
+    Each tile is computed with up to ``context_latent`` extra latent pixels of its neighbours on every side, which
+    are cropped off again: with context >= the network's receptive field a tile is exact, with less its border
+    errors fall inside the blended overlap.
+    """
+
+    tile_latent: int = 32
+    overlap_latent: int = 8
+    context_latent: int = 8
+    chunk_latent_frames: int = 2
+
+    def __post_init__(self) -> None:
+        if self.tile_latent < 1 or self.chunk_latent_frames < 1:
+            raise ValueError(f"Tiling: tile_latent and chunk_latent_frames must be >= 1, got {self}")
+        if self.context_latent < 0:
+            raise ValueError(f"Tiling: context_latent must be >= 0, got {self}")
+        if not 0 <= self.overlap_latent < self.tile_latent:
+            raise ValueError(f"Tiling: overlap_latent must be in [0, tile_latent), got {self}")
+
+
+@dataclass(frozen=True)
+class LatentTile:
+    """A tile's core (the part it contributes) and its context window ``(top, bottom, left, right)``, in latents."""
+
+    y: int
+    x: int
+    height: int
+    width: int
+    window: tuple[int, int, int, int]
+
+    def rows(self, scale: int) -> slice:
+        return slice(self.y * scale, (self.y + self.height) * scale)
+
+    def cols(self, scale: int) -> slice:
+        return slice(self.x * scale, (self.x + self.width) * scale)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of length ``tile`` covering ``[0, size)``, neighbours overlapping by at least ``overlap``."""
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, tile - overlap)) + [size - tile]
+
+
+def blend_ramp(length: int, ramp: int, at_start: bool, at_end: bool) -> Tensor:
+    """Weights ``[length]``: 1 inside, rising linearly over ``ramp`` samples at an edge shared with a neighbour."""
+    weight = torch.ones(length)
+    steps = torch.arange(1, ramp + 1, dtype=torch.float32) / (ramp + 1)  # (0, 1), never 0
+    if at_start and ramp:
+        weight[:ramp] = steps
+    if at_end and ramp:
+        weight[length - ramp :] = torch.minimum(weight[length - ramp :], steps.flip(0))
+    return weight
+
+
+def temporal_chunks(latent_frames: int, chunk: int) -> list[tuple[int, int]]:
+    """Latent frame ranges: ``[0, 1)`` (the image frame), then ``chunk`` frames at a time."""
+    bounds = [(0, 1)]
+    for start in range(1, latent_frames, chunk):
+        bounds.append((start, min(start + chunk, latent_frames)))
+    return bounds
+
+
+def latent_to_video_frames(start: int, end: int, temporal_factor: int) -> tuple[int, int]:
+    """Video frame range of latent frames ``[start, end)`` under causal compression (latent 0 <-> video frame 0)."""
+    # latent frame 0 covers video frame 0; latent frame i >= 1 covers video frames [1 + (i-1)*tf, 1 + i*tf)
+    return (0 if start == 0 else 1 + (start - 1) * temporal_factor), 1 + (end - 1) * temporal_factor
+
+
+# --------------------------------------------------------------------------------------------------- the plugin
+class VAESize(Enum):
+    """Size presets (base channels, ResBlocks per level). Channels per level are base x (1, 2, 4, 4, ...)."""
+
+    TINY = (16, 1)
+    SMALL = (32, 1)
+    BASE = (64, 2)
+
+
+class CausalVAE(VariationalCompressor):
+    """Causal 3D KL-VAE: ``1 + 4k`` frames -> ``1 + k`` latent frames, 8x smaller in space (both configurable)."""
+
+    causal = True
+
+    def __init__(
+        self,
+        latent_channels: int = 8,
+        size: VAESize = VAESize.SMALL,
+        temporal_factor: int = 4,
+        spatial_factor: int = 8,
+        base_channels: int | None = None,
+        res_blocks: int | None = None,
+        tiling: Tiling | None = Tiling(),
+        checkpoint: str | None = None,
+    ) -> None:
+        """``base_channels`` / ``res_blocks`` override the ``size`` preset; ``tiling`` None encodes and decodes
+        whole clips at once; ``checkpoint`` loads weights and latent statistics from a ``.safetensors`` file written
+        by :meth:`save_weights` (e.g. by ``CompressorTraining(export_path=...)``) or a Lightning ``.ckpt``."""
+        super().__init__(latent_channels)
+        for name, factor in (("temporal_factor", temporal_factor), ("spatial_factor", spatial_factor)):
+            if factor < 1 or factor & (factor - 1):
+                raise ValueError(f"CausalVAE: {name} must be a power of two >= 1, got {factor}")
+        if temporal_factor > spatial_factor:
+            raise ValueError(
+                f"CausalVAE: temporal_factor {temporal_factor} > spatial_factor {spatial_factor}; each temporal "
+                "downsampling shares a level with a spatial one"
+            )
+        preset_channels, preset_blocks = size.value
+        base = base_channels if base_channels is not None else preset_channels
+        blocks = res_blocks if res_blocks is not None else preset_blocks
+        if base < 1 or blocks < 1:
+            raise ValueError(f"CausalVAE: base_channels and res_blocks must be >= 1, got {base}, {blocks}")
+        self.temporal_factor, self.spatial_factor = temporal_factor, spatial_factor
+        self.tiling = tiling
+        downs, temporal_downs = int(math.log2(spatial_factor)), int(math.log2(temporal_factor))
+        channels = [base * min(2**level, 4) for level in range(downs + 1)]
+        temporal_down = [level >= downs - temporal_downs for level in range(downs)]  # time at the deepest levels
+        self.encoder = CausalEncoder(channels, blocks, temporal_down, latent_channels)
+        self.decoder = CausalDecoder(channels, blocks, temporal_down[::-1], latent_channels)
+        if checkpoint is not None:
+            self.load_weights(checkpoint)
+
+    # --------------------------------------------------------------------------------------- whole-clip paths
+    def posterior(self, video: Tensor) -> DiagonalGaussian:
+        self.check_video(video)
+        return DiagonalGaussian.from_moments(self.encoder(video))  # over [B, c, t, h, w]
+
+    def decode_latent(self, z: Tensor) -> Tensor:
+        self.check_latent(z)
+        return self.decoder(z)  # [B, 3, T, H, W]
+
+    def encode_raw(self, video: Tensor) -> Tensor:
+        return self.posterior(video).mean if self.tiling is None else self.encode_tiled(video, self.tiling)
+
+    def decode_raw(self, z: Tensor) -> Tensor:
+        return self.decode_latent(z) if self.tiling is None else self.decode_tiled(z, self.tiling)
+
+    # -------------------------------------------------------------------------------------------- tiled paths
+    def _tiles(self, h: int, w: int, tiling: Tiling) -> list[LatentTile]:
+        """Tiles covering an ``h x w`` latent, each with its context window clipped to the latent."""
+        size, overlap, context = tiling.tile_latent, tiling.overlap_latent, tiling.context_latent
+        tiles = []
+        for y in tile_starts(h, size, overlap):
+            for x in tile_starts(w, size, overlap):
+                th, tw = min(size, h), min(size, w)
+                top, left = max(0, y - context), max(0, x - context)
+                bottom, right = min(h, y + th + context), min(w, x + tw + context)
+                tiles.append(LatentTile(y, x, th, tw, (top, bottom, left, right)))
+        return tiles
+
+    @staticmethod
+    def _tile_weight(tile: LatentTile, h: int, w: int, scale: int, tiling: Tiling) -> Tensor:
+        """Blend weight of a tile's core, upsampled by ``scale`` (1 for latents, spatial_factor for pixels), placed
+        in the full ``[1, 1, 1, h*scale, w*scale]`` canvas (zero outside the tile)."""
+        ramp = tiling.overlap_latent * scale
+        wy = blend_ramp(tile.height * scale, ramp, tile.y > 0, tile.y + tile.height < h)  # [th*scale]
+        wx = blend_ramp(tile.width * scale, ramp, tile.x > 0, tile.x + tile.width < w)  # [tw*scale]
+        canvas = torch.zeros(1, 1, 1, h * scale, w * scale)
+        canvas[..., tile.y * scale : (tile.y + tile.height) * scale, tile.x * scale : (tile.x + tile.width) * scale] = (
+            wy[:, None] * wx[None, :]
+        )
+        return canvas  # [1, 1, 1, H, W]
+
+    @torch.no_grad()
+    def encode_tiled(self, video: Tensor, tiling: Tiling) -> Tensor:
+        """Posterior mean ``[B, c, t, h, w]`` of ``video`` [B, 3, T, H, W] computed chunk by chunk, tile by tile."""
+        self.check_video(video)
+        sf = self.spatial_factor
+        t, h, w = self.latent_shape(*video.shape[2:])
+        tiles = self._tiles(h, w, tiling)
+        caches = [StreamCache() for _ in tiles]
+        weights = [self._tile_weight(tile, h, w, 1, tiling).to(video) for tile in tiles]  # each [1, 1, 1, h, w]
+        total = torch.stack(weights).sum(0)  # [1, 1, 1, h, w]
+        out = video.new_zeros(video.shape[0], self.latent_channels, t, h, w)  # [B, c, t, h, w]
+        for l0, l1 in temporal_chunks(t, tiling.chunk_latent_frames):
+            v0, v1 = latent_to_video_frames(l0, l1, self.temporal_factor)
+            for tile, cache, weight in zip(tiles, caches, weights):
+                top, bottom, left, right = tile.window
+                piece = video[:, :, v0:v1, top * sf : bottom * sf, left * sf : right * sf]  # [B, 3, Tc, Hw, Ww]
+                mean = self.encoder(piece, cache).chunk(2, dim=1)[0]  # [B, c, l1-l0, hw, ww]
+                core = mean[:, :, :, tile.y - top : tile.y - top + tile.height, tile.x - left : tile.x - left + tile.width]
+                region = (slice(None), slice(None), slice(l0, l1), tile.rows(1), tile.cols(1))
+                out[region] += core * weight[:, :, :, tile.rows(1), tile.cols(1)]  # [B, c, l1-l0, th, tw]
+        return out / total  # [B, c, t, h, w]
+
+    @torch.no_grad()
+    def decode_stream(self, z: Tensor, tiling: Tiling) -> Iterator[Tensor]:
+        """Decode raw latent ``z`` [B, c, t, h, w] chunk by chunk: yields ``[B, 3, frames, H, W]`` pieces in order
+        (1 frame, then ``chunk_latent_frames * temporal_factor`` frames each), so a caller writing frames to disk
+        never holds the whole video."""
+        self.check_latent(z)
+        sf = self.spatial_factor
+        b, _, t, h, w = z.shape
+        tiles = self._tiles(h, w, tiling)
+        caches = [StreamCache() for _ in tiles]
+        weights = [self._tile_weight(tile, h, w, sf, tiling).to(z) for tile in tiles]  # each [1, 1, 1, H, W]
+        total = torch.stack(weights).sum(0)  # [1, 1, 1, H, W]
+        for l0, l1 in temporal_chunks(t, tiling.chunk_latent_frames):
+            v0, v1 = latent_to_video_frames(l0, l1, self.temporal_factor)
+            piece = z.new_zeros(b, 3, v1 - v0, h * sf, w * sf)  # [B, 3, Tc, H, W]
+            for tile, cache, weight in zip(tiles, caches, weights):
+                top, bottom, left, right = tile.window
+                frames = self.decoder(z[:, :, l0:l1, top:bottom, left:right], cache)  # [B, 3, Tc, Hw*sf, Ww*sf]
+                y, x = (tile.y - top) * sf, (tile.x - left) * sf
+                core = frames[:, :, :, y : y + tile.height * sf, x : x + tile.width * sf]  # [B, 3, Tc, th*sf, tw*sf]
+                piece[:, :, :, tile.rows(sf), tile.cols(sf)] += core * weight[:, :, :, tile.rows(sf), tile.cols(sf)]
+            yield piece / total  # [B, 3, Tc, H, W]
+
+    @torch.no_grad()
+    def decode_tiled(self, z: Tensor, tiling: Tiling) -> Tensor:
+        """Whole video ``[B, 3, T, H, W]`` from :meth:`decode_stream`, written into one preallocated tensor."""
+        self.check_latent(z)
+        b, _, t, h, w = z.shape
+        out = z.new_empty(b, 3, 1 + (t - 1) * self.temporal_factor, h * self.spatial_factor, w * self.spatial_factor)
+        start = 0
+        for piece in self.decode_stream(z, tiling):
+            out[:, :, start : start + piece.shape[2]] = piece  # [B, 3, Tc, H, W]
+            start += piece.shape[2]
+        return out  # [B, 3, T, H, W]
+
+    # -------------------------------------------------------------------------------------------- weights I/O
+    def save_weights(self, path: str | Path) -> Path:
+        """Write the weights and latent statistics as one ``.safetensors`` file (the ``checkpoint`` argument)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path))
+        return path
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a ``.safetensors`` file from :meth:`save_weights` or a Lightning ``.ckpt`` whose state dict holds
+        this VAE under a ``compressor.`` prefix (``CompressorTraining``); raises naming the file and the keys."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"CausalVAE: checkpoint {str(path)!r} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            full = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            state = {k.removeprefix("compressor."): v for k, v in full.items() if k.startswith("compressor.")}
+        own = self.state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"CausalVAE: checkpoint {str(path)!r} does not match this configuration (latent_channels, size, "
+                f"factors): missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {sorted(wrong)[:5]}"
+            )
+        self.load_state_dict(state)

@@ -1,0 +1,197 @@
+"""CausalVAE: causal shape arithmetic, images as 1-frame videos, causality, tiled/chunked == whole-clip, latent
+statistics, weights files, and errors that name the dimension at fault. Tiny random-init models throughout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from framework.registry import default_registry
+from plugins.compressors.causal_vae import CausalVAE, Tiling, VAESize, latent_to_video_frames, temporal_chunks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions run far faster on one thread than on an oversubscribed shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vae(**kwargs) -> CausalVAE:
+    torch.manual_seed(0)
+    options = dict(latent_channels=4, size=VAESize.TINY, base_channels=8, tiling=None)
+    return CausalVAE(**{**options, **kwargs}).eval()
+
+
+@pytest.fixture(scope="module")
+def vae() -> CausalVAE:
+    return tiny_vae()
+
+
+def smooth_video(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(1, 3, frames, height, width, generator=generator) * 2 - 1  # [1, 3, T, H, W]
+    return torch.nn.functional.avg_pool3d(noise, (1, 3, 3), 1, (0, 1, 1))  # [1, 3, T, H, W]
+
+
+# ---------------------------------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("frames", [1, 5, 9, 13])
+def test_causal_shapes_for_one_plus_4k_frames(vae, frames) -> None:
+    video = smooth_video(frames, 16, 24)
+    with torch.no_grad():
+        latent = vae.encode(video)
+        decoded = vae.decode(latent)
+    assert tuple(latent.shape) == (1, 4, 1 + (frames - 1) // 4, 2, 3)
+    assert vae.latent_shape(frames, 16, 24) == tuple(latent.shape[2:])
+    assert decoded.shape == video.shape
+    assert decoded.min() >= -1 and decoded.max() <= 1
+
+
+def test_an_image_round_trips_as_a_one_frame_video(vae) -> None:
+    image = smooth_video(1, 32, 16)  # [1, 3, 1, H, W]
+    with torch.no_grad():
+        latent = vae.encode(image)
+        assert tuple(latent.shape) == (1, 4, 1, 4, 2)
+        assert tuple(vae.decode(latent).shape) == (1, 3, 1, 32, 16)
+
+
+def test_other_factors_are_configurable() -> None:
+    model = tiny_vae(temporal_factor=2, spatial_factor=4, latent_channels=6)
+    with torch.no_grad():
+        latent = model.encode(smooth_video(7, 12, 8))
+    assert tuple(latent.shape) == (1, 6, 4, 3, 2)
+    assert tuple(model.decode(latent).shape) == (1, 3, 7, 12, 8)
+
+
+def test_presets_grow_in_size() -> None:
+    counts = [sum(p.numel() for p in CausalVAE(size=s, tiling=None).parameters()) for s in VAESize]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+
+
+def test_encoder_is_causal(vae) -> None:
+    """Changing frames 5.. must not change the latent frames that cover frames 0..4."""
+    video = smooth_video(13, 16, 16)
+    changed = video.clone()
+    changed[:, :, 5:] = -video[:, :, 5:]
+    with torch.no_grad():
+        a, b = vae.encode(video), vae.encode(changed)
+    assert torch.equal(a[:, :, :2], b[:, :, :2])
+    assert not torch.allclose(a[:, :, 2:], b[:, :, 2:])
+
+
+def test_the_first_frame_encodes_like_an_image(vae) -> None:
+    video = smooth_video(9, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(vae.encode(video)[:, :, :1], vae.encode(video[:, :, :1]), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("frames", [2, 4, 8, 10])
+def test_frame_count_not_one_plus_4k_is_rejected_naming_it(vae, frames) -> None:
+    with pytest.raises(ValueError, match=rf"frames {frames} must be 1 \+ k\*4"):
+        vae.encode(smooth_video(frames, 16, 16))
+
+
+@pytest.mark.parametrize(("height", "width", "name"), [(12, 16, "height 12"), (16, 20, "width 20")])
+def test_size_not_divisible_by_8_is_rejected_naming_the_dimension(vae, height, width, name) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a positive multiple of 8"):
+        vae.encode(smooth_video(1, height, width))
+
+
+def test_wrong_channel_count_is_rejected(vae) -> None:
+    with pytest.raises(ValueError, match=r"expects \[B, 3, T, H, W\]"):
+        vae.encode(torch.zeros(1, 4, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"expects \[B, 4, t, h, w\]"):
+        vae.decode(torch.zeros(1, 3, 1, 2, 2))
+
+
+def test_bad_construction_arguments_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="temporal_factor must be a power of two"):
+        CausalVAE(temporal_factor=3)
+    with pytest.raises(ValueError, match="temporal_factor 16 > spatial_factor 8"):
+        CausalVAE(temporal_factor=16)
+    with pytest.raises(ValueError, match="overlap_latent"):
+        Tiling(tile_latent=4, overlap_latent=4)
+
+
+# ------------------------------------------------------------------------------------------ tiling, chunking
+def test_temporal_chunk_bounds_cover_the_clip() -> None:
+    assert temporal_chunks(6, 2) == [(0, 1), (1, 3), (3, 5), (5, 6)]
+    assert [latent_to_video_frames(a, b, 4) for a, b in temporal_chunks(6, 2)] == [(0, 1), (1, 9), (9, 17), (17, 21)]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_temporally_chunked_encode_and_decode_equal_the_whole_clip(vae, chunk) -> None:
+    """Causal caches make chunking exact up to float rounding (tolerance 1e-5 absolute)."""
+    video = smooth_video(17, 16, 16)
+    no_spatial_tiles = Tiling(tile_latent=64, overlap_latent=0, context_latent=0, chunk_latent_frames=chunk)
+    with torch.no_grad():
+        whole = vae.posterior(video).mean  # [1, 4, 5, 2, 2]
+        chunked = vae.encode_tiled(video, no_spatial_tiles)
+        assert torch.allclose(chunked, whole, atol=1e-5)
+        decoded = vae.decode_latent(whole)
+        pieces = list(vae.decode_stream(whole, no_spatial_tiles))
+        assert [p.shape[2] for p in pieces][0] == 1 and sum(p.shape[2] for p in pieces) == 17
+        assert torch.allclose(vae.decode_tiled(whole, no_spatial_tiles), decoded, atol=1e-5)
+
+
+def test_spatial_tiles_equal_the_whole_clip_when_context_covers_the_receptive_field(vae) -> None:
+    """A wide clip cut into 8-latent tiles: with 16 latents of context (more than this model's receptive field) the
+    blended result matches the whole clip to 1e-5; with less context the border error grows (the blend hides it
+    only partially in a random-init model), which is why ``context_latent`` exists."""
+    video = smooth_video(5, 16, 8 * 48)  # latent 2 x 48
+    with torch.no_grad():
+        whole = vae.posterior(video).mean
+        decoded = vae.decode_latent(whole)
+        errors = []
+        for context in (0, 4, 16):
+            tiling = Tiling(tile_latent=8, overlap_latent=2, context_latent=context, chunk_latent_frames=1)
+            encode_error = (vae.encode_tiled(video, tiling) - whole).abs().max().item()
+            decode_error = (vae.decode_tiled(whole, tiling) - decoded).abs().max().item()
+            errors.append((encode_error, decode_error))
+    assert errors[2][0] < 1e-5 and errors[2][1] < 1e-5
+    assert errors[0][0] > errors[1][0] > errors[2][0]
+    assert errors[0][1] > errors[1][1] > errors[2][1]
+
+
+def test_encode_and_decode_use_the_configured_tiling() -> None:
+    tiled = tiny_vae(tiling=Tiling(tile_latent=2, overlap_latent=1, context_latent=16, chunk_latent_frames=1))
+    untiled = tiny_vae()
+    video = smooth_video(5, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(tiled.encode(video), untiled.encode(video), atol=1e-5)
+        latent = untiled.encode(video)
+        assert torch.allclose(tiled.decode(latent), untiled.decode(latent), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- statistics, weights, registry
+def test_latent_statistics_are_measured_and_normalise_the_latent(tmp_path) -> None:
+    model = tiny_vae()
+    videos = [smooth_video(5, 16, 16, seed)[0] for seed in range(4)] + [smooth_video(1, 16, 24, 9)[0]]
+    batches = [{"videos": videos[:2]}, {"videos": videos[2:]}]
+    mean, std = model.fit_latent_statistics(batches)
+    with torch.no_grad():
+        latents = torch.cat([model.encode(v[None]).flatten(2) for v in videos], dim=2)  # [1, c, N]
+    assert torch.allclose(latents.mean(2)[0], torch.zeros(4), atol=1e-4)
+    assert torch.allclose(latents.std(2, unbiased=False)[0], torch.ones(4), atol=1e-4)
+    assert "latent_mean" in model.state_dict() and torch.equal(model.state_dict()["latent_std"], std)
+    path = model.save_weights(tmp_path / "vae.safetensors")
+    loaded = tiny_vae(checkpoint=str(path))
+    assert torch.equal(loaded.latent_mean, mean)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(videos[0][None]), model.encode(videos[0][None]))
+
+
+def test_a_checkpoint_for_another_configuration_fails_naming_the_file(tmp_path) -> None:
+    path = tiny_vae().save_weights(tmp_path / "vae.safetensors")
+    with pytest.raises(ValueError, match="vae.safetensors.*does not match"):
+        tiny_vae(latent_channels=8, checkpoint=str(path))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        tiny_vae(checkpoint=str(tmp_path / "missing.safetensors"))
+
+
+def test_registered_as_a_compressor_plugin() -> None:
+    names = {info.cls.__name__: info.kind for info in default_registry().list("compressor")}
+    assert names.get("CausalVAE") == "compressor"
