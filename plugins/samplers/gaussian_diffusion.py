@@ -155,9 +155,12 @@ class GaussianDiffusion(Sampler):
 
 
 def _parse(kind: type[enum.Enum], value: object, where: str) -> enum.Enum:
+    """An enum member from itself, its value ("v") or its name ("V", as jsonargparse writes it in YAML)."""
     try:
         return kind(value)
     except ValueError:
+        if isinstance(value, str) and value in kind.__members__:
+            return kind[value]
         raise ValueError(f"{where} must be one of {[m.value for m in kind]}, got {value!r}") from None
 
 
