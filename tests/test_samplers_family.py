@@ -24,7 +24,7 @@ from plugins.samplers.ddim import DDIM
 from plugins.samplers.ddpm import DDPM
 from plugins.samplers.dpm_solver import DPMSolverPlusPlus
 from plugins.samplers.gaussian_diffusion import BetaSchedule, GaussianDiffusion, Prediction
-from plugins.samplers.rectified_flow import RectifiedFlow
+from plugins.samplers.rectified_flow import FlowPrediction, RectifiedFlow
 from plugins.samplers.rectified_flow_heun import RectifiedFlowHeun
 
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64)  # [K, 2]
@@ -71,8 +71,16 @@ def diffusion_model(sampler: GaussianDiffusion):
     return model_fn
 
 
+def clean_model(x: PackedSequence, t: torch.Tensor) -> PackedSequence:
+    """The exact clean-data prediction E[x0 | x_t] (rectified flow with prediction=clean)."""
+    tt = x.per_token(t)  # [N]
+    return x.with_tokens(posterior_means(x.tokens, 1 - tt, tt)[0].to(x.tokens.dtype))
+
+
 def model_for(sampler):
-    return velocity_model if isinstance(sampler, RectifiedFlow) else diffusion_model(sampler)
+    if isinstance(sampler, RectifiedFlow):
+        return clean_model if sampler.prediction is FlowPrediction.CLEAN else velocity_model
+    return diffusion_model(sampler)
 
 
 def one_sample_pack(tokens: torch.Tensor) -> PackedSequence:
@@ -128,6 +136,7 @@ def test_reference_posterior_has_the_known_limits() -> None:
 SAMPLERS = {
     "heun_shift1_20": (lambda: RectifiedFlowHeun(shift=1.0), 20),
     "heun_shift3_20": (lambda: RectifiedFlowHeun(shift=3.0), 20),
+    "heun_clean_shift3_20": (lambda: RectifiedFlowHeun(shift=3.0, prediction=FlowPrediction.CLEAN), 20),
     "ddpm_linear_eps_250": (lambda: DDPM(), 250),
     "ddpm_cosine_v_250": (lambda: DDPM(beta_schedule=BetaSchedule.COSINE, prediction=Prediction.V), 250),
     "ddim_linear_eps_50": (lambda: DDIM(), 50),

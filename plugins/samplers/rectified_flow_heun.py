@@ -7,8 +7,9 @@ t = 1 to 0 on the same shifted time grid, but with Heun's method (explicit trape
 second velocity evaluation at the predicted point, and the average of both slopes. Karras et al. make the step
 that ends at sigma = 0 a plain Euler step because their denoiser parameterisation is singular there; the
 rectified-flow velocity at t = 0 is finite, and the last step is the longest under a time shift (1/4 of the way
-for shift 3 and 10 steps), so here it is corrected too. Two model calls per step buy a global error of
-O(1/steps^2) instead of Euler's O(1/steps).
+for shift 3 and 10 steps), so here it is corrected too. With ``prediction: clean`` the velocity ``(x - x0) / t`` is
+singular at t = 0, and the last step stays Euler, which then lands exactly on the predicted clean data. Two model
+calls per step buy a global error of O(1/steps^2) instead of Euler's O(1/steps).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from framework.interfaces import ModelFn, StepCallback
 from framework.packing import PackedSequence
-from plugins.samplers.rectified_flow import RectifiedFlow
+from plugins.samplers.rectified_flow import FlowPrediction, RectifiedFlow
 
 
 class RectifiedFlowHeun(RectifiedFlow):
@@ -31,11 +32,15 @@ class RectifiedFlowHeun(RectifiedFlow):
         x = noise
         for i in range(steps):
             t, t_next = times[i], times[i + 1]  # [B]
-            velocity = model_fn(x, t).tokens  # [N, D]
-            dt = x.per_token(t_next - t)[:, None].to(velocity.dtype)  # [N, 1], negative
-            predicted = x.with_tokens(x.tokens + dt * velocity)  # Euler predictor
-            velocity_next = model_fn(predicted, t_next).tokens  # [N, D] slope at the end of the step
-            x = x.with_tokens(x.tokens + dt * 0.5 * (velocity + velocity_next))  # trapezoidal corrector
+            t_tok, t_next_tok = (x.per_token(a)[:, None].to(x.tokens.dtype) for a in (t, t_next))  # each [N, 1]
+            velocity = self.velocity(model_fn(x, t).tokens, x.tokens, t_tok)  # [N, D]
+            predicted = x.tokens + (t_next_tok - t_tok) * velocity  # [N, D] Euler predictor
+            if i + 1 < steps or self.prediction is FlowPrediction.VELOCITY:
+                output = model_fn(x.with_tokens(predicted), t_next).tokens  # [N, D]
+                velocity_next = self.velocity(output, predicted, t_next_tok)  # slope at the end of the step
+                x = x.with_tokens(x.tokens + (t_next_tok - t_tok) * 0.5 * (velocity + velocity_next))  # trapezoid
+            else:  # a clean-data prediction has no finite velocity at t = 0; the Euler step lands on it exactly
+                x = x.with_tokens(predicted)
             if callback is not None:
                 callback(i, t_next, x)
         return x
