@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -145,3 +146,37 @@ class VariationalCompressor(Compressor):
             self.check_video(video[None])
             out.append(self.encode_raw(video[None].to(device))[0])  # [c, t, h, w]
         return out
+
+    # -------------------------------------------------------------------------------------------- weights I/O
+    def save_weights(self, path: str | Path) -> Path:
+        """Write the weights and latent statistics as one ``.safetensors`` file (the ``checkpoint`` argument)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path))
+        return path
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a ``.safetensors`` file from :meth:`save_weights` or a Lightning ``.ckpt`` whose state dict holds
+        this VAE under a ``compressor.`` prefix (``CompressorTraining``); raises naming the file and the keys."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{type(self).__name__}: checkpoint {str(path)!r} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            full = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            state = {k.removeprefix("compressor."): v for k, v in full.items() if k.startswith("compressor.")}
+        own = self.state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{type(self).__name__}: checkpoint {str(path)!r} does not match this configuration (latent "
+                f"channels, size, factors): missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                f"wrong shape {sorted(wrong)[:5]}"
+            )
+        self.load_state_dict(state)

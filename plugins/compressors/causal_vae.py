@@ -26,7 +26,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -373,7 +372,8 @@ class CausalVAE(VariationalCompressor):
                 top, bottom, left, right = tile.window
                 piece = video[:, :, v0:v1, top * sf : bottom * sf, left * sf : right * sf]  # [B, 3, Tc, Hw, Ww]
                 mean = self.encoder(piece, cache).chunk(2, dim=1)[0]  # [B, c, l1-l0, hw, ww]
-                core = mean[:, :, :, tile.y - top : tile.y - top + tile.height, tile.x - left : tile.x - left + tile.width]
+                y, x = tile.y - top, tile.x - left
+                core = mean[:, :, :, y : y + tile.height, x : x + tile.width]  # [B, c, l1-l0, th, tw]
                 region = (slice(None), slice(None), slice(l0, l1), tile.rows(1), tile.cols(1))
                 out[region] += core * weight[:, :, :, tile.rows(1), tile.cols(1)]  # [B, c, l1-l0, th, tw]
         return out / total  # [B, c, t, h, w]
@@ -412,36 +412,3 @@ class CausalVAE(VariationalCompressor):
             out[:, :, start : start + piece.shape[2]] = piece  # [B, 3, Tc, H, W]
             start += piece.shape[2]
         return out  # [B, 3, T, H, W]
-
-    # -------------------------------------------------------------------------------------------- weights I/O
-    def save_weights(self, path: str | Path) -> Path:
-        """Write the weights and latent statistics as one ``.safetensors`` file (the ``checkpoint`` argument)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path))
-        return path
-
-    def load_weights(self, path: str | Path) -> None:
-        """Load a ``.safetensors`` file from :meth:`save_weights` or a Lightning ``.ckpt`` whose state dict holds
-        this VAE under a ``compressor.`` prefix (``CompressorTraining``); raises naming the file and the keys."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"CausalVAE: checkpoint {str(path)!r} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            full = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-            state = {k.removeprefix("compressor."): v for k, v in full.items() if k.startswith("compressor.")}
-        own = self.state_dict()
-        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-        wrong = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"CausalVAE: checkpoint {str(path)!r} does not match this configuration (latent_channels, size, "
-                f"factors): missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {sorted(wrong)[:5]}"
-            )
-        self.load_state_dict(state)
