@@ -18,10 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from framework.metrics.evaluation import VideoMetricSuite, load_videos
+from framework.data.manifest import read_manifest
+from framework.metrics.evaluation import VideoMetricSuite
 from framework.metrics.fvd import FrechetVideoDistance
 from framework.metrics.i3d_weights import I3DWeightsMissingError, load_i3d
+from framework.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "metrics_real_clips.json"
@@ -42,40 +45,55 @@ def main() -> None:
     manifest = source / "manifest.csv"
     if not manifest.exists():
         raise SystemExit(f"no manifest at {manifest}: the shared developer clips are not available here")
-    loaded = load_videos(manifest, max_frames=args.max_frames, progress=True)
-    shuffled = [shuffle_time(v, i) for i, v in enumerate(loaded.videos)]
+    paths = [row.path for row in read_manifest(manifest)]
+    skipped: dict[str, str] = {}
+    scored = 0
 
     start = time.perf_counter()
     temporal = VideoMetricSuite(None)
-    temporal.update(loaded.videos, real=True)  # "real" = in order, "fake" = shuffled
-    temporal.update(shuffled, real=False)
-    temporal_results = temporal.compute()
-    temporal_s = time.perf_counter() - start
-
     fvd_results: dict[str, float | int | str] = {}
     try:
-        i3d = load_i3d()
+        fvd = FrechetVideoDistance(load_i3d(), batch_size=1)
     except I3DWeightsMissingError as e:
-        fvd_results["skipped"] = str(e)
-    else:
-        long_enough = [i for i, v in enumerate(loaded.videos) if v.shape[1] >= 16]
-        start = time.perf_counter()
-        fvd = FrechetVideoDistance(i3d, batch_size=4)
-        real_features = fvd.extract_features([loaded.videos[i] for i in long_enough])  # [N, 400]
-        shuffled_features = fvd.extract_features([shuffled[i] for i in long_enough])  # [N, 400]
-        fvd.update_features(real_features, real=True)
-        fvd.update_features(shuffled_features, real=False)
+        fvd, fvd_results["skipped"] = None, str(e)
+    real_features, shuffled_features = [], []
+    fvd_s = 0.0
+    for i, path in enumerate(tqdm(paths, desc="scoring", unit="video")):
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            skipped[path.name] = "still image"
+            continue
+        try:  # one full-resolution clip (and its shuffled copy) in memory at a time
+            video, _ = read_video(path, max_frames=args.max_frames)  # [3, T, H, W]
+        except VideoDecodeError as e:
+            skipped[path.name] = e.reason
+            continue
+        scored += 1
+        shuffled = shuffle_time(video, i)
+        temporal.update([video], real=True)  # "real" = in order, "fake" = shuffled
+        temporal.update([shuffled], real=False)
+        if fvd is not None and video.shape[1] >= 16:
+            fvd_start = time.perf_counter()
+            real_features.append(fvd.extract_features([video]))  # [1, 400]
+            shuffled_features.append(fvd.extract_features([shuffled]))  # [1, 400]
+            fvd_s += time.perf_counter() - fvd_start
+    temporal_results = temporal.compute()
+    temporal_s = time.perf_counter() - start - fvd_s
+
+    if fvd is not None:
+        real, fake = torch.cat(real_features), torch.cat(shuffled_features)  # [N, 400] each
+        fvd.update_features(real, real=True)
+        fvd.update_features(fake, real=False)
         fvd_results["fvd_ordered_vs_shuffled"] = float(fvd.compute()["fvd"])
         fvd.reset()
-        fvd.update_features(real_features, real=True)
-        fvd.update_features(real_features, real=False)
+        fvd.update_features(real, real=True)
+        fvd.update_features(real, real=False)
         fvd_results["fvd_ordered_vs_itself"] = float(fvd.compute()["fvd"])
-        fvd_results["fvd_clips"] = len(long_enough)
-        fvd_results["fvd_seconds"] = round(time.perf_counter() - start, 1)
+        fvd_results["fvd_clips"] = real.shape[0]
+        fvd_results["fvd_seconds"] = round(fvd_s, 1)
 
     result = {
-        "videos": len(loaded.videos),
-        "skipped": loaded.skipped,
+        "videos": scored,
+        "skipped": skipped,
         "max_frames": args.max_frames,
         "temporal_ordered": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("real/")},
         "temporal_shuffled": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("fake/")},
