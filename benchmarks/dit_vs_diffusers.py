@@ -1,0 +1,234 @@
+"""Our DiT vs diffusers' WanTransformer3DModel of the same width, depth and heads, on the same input, in one run.
+
+Measures, side by side and interleaved (the CPU is shared, so absolute timings are noisy; ratios within one run are
+what matter):
+
+* training-step throughput (tokens/s): forward, MSE loss, backward and an AdamW step, for the eager models with
+  AdamW's default (foreach) and ``fused=True`` implementations, and optionally under ``torch.compile``;
+* sampling latency for ``--sampling-steps`` (50) steps: our RectifiedFlow Euler sampler calling our DiT vs
+  diffusers' ``FlowMatchEulerDiscreteScheduler`` driving the Wan transformer, both unguided.
+
+Both models see 640 tokens by default: 2 clips of 16 latent channels x 5 x 16 x 16, patch 1x2x2 (320 tokens each),
+16 caption tokens of width 64. Wan's FFN width is set to 4x the model width, like DiT's MLP. Model FLOPs per step
+are counted with ``torch.utils.flop_counter.FlopCounterMode`` (not estimated) and reported next to the throughput.
+
+    pip install -e .[diffusers]
+    python benchmarks/dit_vs_diffusers.py --threads 1     # eager, writes benchmarks/results/dit_vs_diffusers.json
+    python benchmarks/dit_vs_diffusers.py --compile       # also torch.compile (slow to compile on a small CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from framework.interfaces import Conditioning, DenoiserIO
+from framework.packing import PackedSequence
+from plugins.denoisers.dit import DiT
+from plugins.samplers.rectified_flow import RectifiedFlow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(args) -> dict:
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(args.batch, args.channels, args.frames, args.height, args.width, generator=g)  # [B, C, T, H, W]
+    target = torch.randn_like(latent)
+    context = torch.randn(args.batch, args.context_len, args.context_dim, generator=g)  # [B, L, Dc]
+    t = torch.rand(args.batch, generator=g)  # [B] in [0, 1]
+    return {"latent": latent, "target": target, "context": context, "t": t}
+
+
+def patchify(latent: torch.Tensor) -> PackedSequence:
+    """[B, C, T, H, W] -> packed 1x2x2 patches (the same token grid Wan builds internally)."""
+    grids = []
+    for x in latent:  # [C, T, H, W]
+        c, t, h, w = x.shape
+        x = x.reshape(c, t, h // 2, 2, w // 2, 2).permute(1, 2, 4, 0, 3, 5)  # [t, h/2, w/2, C, 2, 2]
+        grids.append(x.reshape(t, h // 2, w // 2, c * 4))  # [t, h/2, w/2, C*4]
+    return PackedSequence.from_grids(grids)
+
+
+class Ours:
+    name = "kinetoscope DiT"
+
+    def __init__(self, args, inputs) -> None:
+        self.model = DiT(width=args.model_width, depth=args.depth, num_heads=args.heads)
+        self.model.bind(DenoiserIO(token_dim=args.channels * 4, context_dim=args.context_dim,
+                                   pooled_dim=args.context_dim))
+        self.x = patchify(inputs["latent"])
+        self.target = patchify(inputs["target"]).tokens
+        mask = torch.ones(args.batch, args.context_len, dtype=torch.bool)
+        self.cond = Conditioning(inputs["context"], mask, inputs["context"].mean(1))
+        self.t = inputs["t"]
+
+    def loss(self, model) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(model(self.x, self.t, self.cond).tokens, self.target)
+
+    @torch.no_grad()
+    def sample(self, steps: int) -> torch.Tensor:
+        return RectifiedFlow(shift=3.0).sample(lambda x, t: self.model(x, t, self.cond), self.x, steps).tokens
+
+
+class Diffusers:
+    name = "diffusers WanTransformer3DModel"
+
+    def __init__(self, args, inputs) -> None:
+        from diffusers import WanTransformer3DModel
+
+        self.model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=args.heads, attention_head_dim=args.model_width // args.heads,
+            in_channels=args.channels, out_channels=args.channels, text_dim=args.context_dim, freq_dim=256,
+            ffn_dim=4 * args.model_width, num_layers=args.depth,
+        )
+        self.latent, self.target, self.context = inputs["latent"], inputs["target"], inputs["context"]
+        self.timestep = inputs["t"] * 1000  # Wan takes timesteps in [0, 1000]
+
+    def loss(self, model) -> torch.Tensor:
+        out = model(self.latent, self.timestep, self.context, return_dict=False)[0]  # [B, C, T, H, W]
+        return torch.nn.functional.mse_loss(out, self.target)
+
+    @torch.no_grad()
+    def sample(self, steps: int) -> torch.Tensor:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        scheduler.set_timesteps(steps)
+        x = self.latent
+        for t in scheduler.timesteps:
+            velocity = self.model(x, t.expand(x.shape[0]), self.context, return_dict=False)[0]
+            x = scheduler.step(velocity, t, x, return_dict=False)[0]
+        return x
+
+
+def train_step_fn(system, fused: bool, compile_model: bool) -> Callable[[], None]:
+    model = system.model.train()
+    forward = torch.compile(model) if compile_model else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+
+    def step() -> None:
+        loss = system.loss(forward)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def counted_flops(system) -> int:
+    """Forward + backward FLOPs of one training step, counted by PyTorch's FLOP counter."""
+    with FlopCounterMode(display=False) as counter:
+        system.loss(system.model.train()).backward()
+    system.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):  # alternate so that load spikes on the shared CPU hit every variant alike
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-width", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--frames", type=int, default=5)
+    parser.add_argument("--height", type=int, default=16)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--context-len", type=int, default=16)
+    parser.add_argument("--context-dim", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--sampling-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dit_vs_diffusers.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    inputs = make_inputs(args)
+    systems = {"ours": Ours(args, inputs), "diffusers": Diffusers(args, inputs)}
+    tokens = args.batch * args.frames * (args.height // 2) * (args.width // 2)
+    params = {k: sum(p.numel() for p in s.model.parameters()) for k, s in systems.items()}
+    flops = {k: counted_flops(s) for k, s in systems.items()}
+    print(f"{tokens} tokens per step; parameters {params}; counted train-step GFLOPs "
+          f"{ {k: round(v / 1e9, 3) for k, v in flops.items()} }")
+
+    variants = {}
+    for key in systems:
+        variants[f"{key}/eager/adamw_foreach"] = (key, False, False)
+        variants[f"{key}/eager/adamw_fused"] = (key, True, False)
+        if args.compile:
+            variants[f"{key}/compiled/adamw_fused"] = (key, True, True)
+    fns = {name: train_step_fn(systems[key], fused, compiled) for name, (key, fused, compiled) in variants.items()}
+    times = time_interleaved(fns, args.warmup, args.repeats)
+    train = {}
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        key = variants[name][0]
+        train[name] = {"median_step_ms": round(1000 * median, 2), "tokens_per_s": round(tokens / median),
+                       "achieved_gflops_per_s": round(flops[key] / median / 1e9, 2)}
+        print(f"train  {name:32s} {1000 * median:8.1f} ms/step  {tokens / median:9.0f} tokens/s")
+    ratios = {}
+    for variant in sorted({n.split("/", 1)[1] for n in train}):
+        ratios[variant] = round(train[f"ours/{variant}"]["tokens_per_s"] / train[f"diffusers/{variant}"]["tokens_per_s"], 3)
+    ratios["ours_best_vs_diffusers_eager_foreach"] = round(
+        max(v["tokens_per_s"] for n, v in train.items() if n.startswith("ours/"))
+        / train["diffusers/eager/adamw_foreach"]["tokens_per_s"], 3)
+    print(f"throughput ratio ours / diffusers: {ratios}")
+
+    for s in systems.values():
+        s.model.eval()
+    sampling = {k: [] for k in systems}
+    for _ in range(args.sampling_repeats):
+        for key, s in systems.items():
+            start = time.perf_counter()
+            s.sample(args.sampling_steps)
+            sampling[key].append(time.perf_counter() - start)
+    latency = {k: round(statistics.median(v), 3) for k, v in sampling.items()}
+    latency_ratio = round(latency["ours"] / latency["diffusers"], 3)
+    print(f"sample {args.sampling_steps} steps: {latency} s; ours / diffusers = {latency_ratio}")
+
+    import diffusers
+
+    result = {
+        "what": "training-step tokens/s and sampling latency, kinetoscope DiT vs diffusers WanTransformer3DModel "
+                "with identical width/depth/heads on identical input, interleaved in one run",
+        "command": " ".join(["python", "benchmarks/dit_vs_diffusers.py", *sys.argv[1:]]),
+        "device": "cpu", "threads": args.threads, "dtype": "float32",
+        "note": "shared CPU (other jobs running): absolute times are noisy, ratios within this run are what matter",
+        "config": {k: v for k, v in vars(args).items() if k != "out"} | {"tokens_per_step": tokens},
+        "parameters": params, "train_step_gflops_counted": {k: round(v / 1e9, 4) for k, v in flops.items()},
+        "train": train, "throughput_ratio_ours_over_diffusers": ratios,
+        "sampling": {"steps": args.sampling_steps, "median_latency_s": latency,
+                     "latency_ratio_ours_over_diffusers": latency_ratio},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
