@@ -13,6 +13,7 @@ from typing import Callable
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from framework.data.latent_cache import cache_latents_command
 from framework.data.scan import scan_command
 from framework.metrics.evaluation import evaluate_command
 from framework.metrics.i3d_weights import fetch_i3d_command
@@ -75,6 +76,7 @@ TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "scan": scan_command,
     "fetch-i3d": fetch_i3d_command,
     "evaluate": evaluate_command,
+    "cache-latents": cache_latents_command,
 }
 
 

@@ -85,8 +85,8 @@ class ChannelRMSNorm(nn.Module):
         self.gain = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = x.shape[1] ** 0.5 * self.gain.view(1, -1, 1, 1, 1)  # [1, C, 1, 1, 1]
-        return F.normalize(x, dim=1, eps=1e-6) * scale  # [B, C, T, H, W]
+        inverse_rms = torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-6)  # [B, 1, T, H, W]
+        return x * inverse_rms * self.gain.view(1, -1, 1, 1, 1)  # [B, C, T, H, W]
 
 
 class ResBlock(nn.Module):
