@@ -110,6 +110,13 @@ def test_grouped_layout_forms_one_group_per_frame_or_location(axis) -> None:
             assert (pos[members][:, keep] == pos[members[0]][keep]).all()
 
 
+def test_positions_that_contradict_the_grid_sizes_are_rejected() -> None:
+    x = PackedSequence.from_grids([torch.zeros(2, 2, 2, 1)])
+    wrong = PackedSequence(x.tokens, x.cu_seqlens, x.positions * 0.5, x.grid_sizes)  # frames 0 and 1 collide
+    with pytest.raises(ValueError, match="positions"):
+        GroupedLayout.build(wrong, AttentionAxis.SPATIAL)
+
+
 @torch.no_grad()
 def test_spatial_block_does_not_look_across_frames() -> None:
     """One spatial block only: changing frame 1 must leave frame 0's prediction untouched (and change frame 1)."""

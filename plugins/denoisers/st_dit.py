@@ -47,14 +47,22 @@ class GroupedLayout:
         sample = x.sample_index  # [N]
         max_t, max_h, max_w = (max(s[i] for s in x.grid_sizes) for i in range(3))
         if axis is AttentionAxis.SPATIAL:
-            key = ((sample * max_t + t) * max_h + h) * max_w + w  # [N] sorts by (sample, frame), then row, column
+            group = sample * max_t + t  # [N] one id per (sample, frame)
+            key = (group * max_h + h) * max_w + w  # [N] sorts by group, then row, column
             lengths = [gh * gw for gt, gh, gw in x.grid_sizes for _ in range(gt)]
         else:
-            key = ((sample * max_h + h) * max_w + w) * max_t + t  # [N] sorts by (sample, row, column), then frame
+            group = (sample * max_h + h) * max_w + w  # [N] one id per (sample, row, column)
+            key = group * max_t + t  # [N] sorts by group, then frame
             lengths = [gt for gt, gh, gw in x.grid_sizes for _ in range(gh * gw)]
         order = torch.argsort(key)  # [N] packed index of each token, groups contiguous
         device = order.device
         sizes = torch.tensor(lengths, device=device)  # [G]
+        _, counts = torch.unique_consecutive(group[order], return_counts=True)  # [G] tokens found per group
+        if counts.shape != sizes.shape or not torch.equal(counts, sizes):
+            raise ValueError(
+                f"STDiT: token positions do not form the (t, h, w) grids {x.grid_sizes}; positions must be "
+                "integer grid indices as built by PackedSequence.from_grids"
+            )
         starts = sizes.cumsum(0) - sizes  # [G] first grouped position of each group
         buckets = []
         for length in sorted(set(lengths)):
