@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-videos", type=int, default=128, help="per set (the published check uses 128)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--save-features", help="also save the feature statistics (sums, outer-product sums, counts; .pt) to recompute the distance later")
     args = parser.parse_args()
 
     i3d = load_i3d()
@@ -44,6 +45,8 @@ def main() -> None:
             print(f"seed {seed}: {int(metric.real_count if real else metric.fake_count)} clips, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
+    if args.save_features:
+        torch.save({name: getattr(metric, name) for name in metric._defaults}, args.save_features)
     fvd = float(metric.compute()["fvd"])
     result = {
         "check": "universome/fvd-comparison compare_metrics.py: RandomState(1) vs RandomState(2), 16x224x224x3 in [0,1]",

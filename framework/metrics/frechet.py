@@ -2,16 +2,18 @@
 
     d² = ‖μ₁ − μ₂‖² + tr(Σ₁) + tr(Σ₂) − 2 tr((Σ₁ Σ₂)^{1/2})
 
-The only hard part is the trace of the matrix square root of the (non-symmetric) product Σ₁Σ₂. Like TF-GAN's
-``trace_sqrt_product`` (the code behind the published FVD numbers) we use the identity
+The only hard part is the trace of the matrix square root of the (non-symmetric) product Σ₁Σ₂. We use
 
-    tr((Σ₁ Σ₂)^{1/2}) = tr((√Σ₁ Σ₂ √Σ₁)^{1/2})
+    tr((Σ₁ Σ₂)^{1/2}) = ‖√Σ₁ √Σ₂‖_*   (the nuclear norm: the sum of singular values)
 
-(both products have the same eigenvalues), where √Σ₁ Σ₂ √Σ₁ is symmetric positive semi-definite, so its square
-root comes from a symmetric eigendecomposition: no complex arithmetic, no iteration, and it stays exact for the
-rank-deficient covariances of a set with fewer samples than feature dimensions (e.g. 128 clips, 400-d features),
-where ``scipy.linalg.sqrtm`` of the product needs its complex Schur fallback. Eigenvalues that round-off pushes
-below zero are clamped to zero.
+because Σ₁Σ₂ is similar to √Σ₁ Σ₂ √Σ₁ = (√Σ₁√Σ₂)(√Σ₁√Σ₂)ᵀ, whose eigenvalues are the squared singular values of
+√Σ₁√Σ₂. Both square roots are symmetric PSD roots from an eigendecomposition: no complex arithmetic, no iteration,
+and exact for the rank-deficient covariances of a set with fewer samples than feature dimensions (e.g. 128 clips,
+400-d features), where ``scipy.linalg.sqrtm`` of the product needs its complex Schur fallback. TF-GAN's
+``trace_sqrt_product`` (behind the published FVD numbers) takes the eigenvalues of √Σ₁ Σ₂ √Σ₁ and then their
+square roots instead; that is the same quantity, but squaring then rooting small eigenvalues loses half the digits:
+for 13 samples of 400-d features the distance of a set to itself came out as −0.004 that way, −1e-10 here.
+Eigenvalues of Σ that round-off pushes below zero are clamped to zero.
 """
 
 from __future__ import annotations
@@ -44,16 +46,13 @@ def symmetric_sqrtm(matrix: Tensor) -> Tensor:
 
 
 def trace_sqrt_product(sigma1: Tensor, sigma2: Tensor) -> Tensor:
-    """tr((Σ₁ Σ₂)^{1/2}) for symmetric PSD Σ₁, Σ₂ [D, D], via the symmetric product √Σ₁ Σ₂ √Σ₁ (float64 scalar)."""
+    """tr((Σ₁ Σ₂)^{1/2}) for symmetric PSD Σ₁, Σ₂ [D, D]: the sum of singular values of √Σ₁√Σ₂ (float64 scalar)."""
     _check_square("sigma1", sigma1)
     _check_square("sigma2", sigma2)
     if sigma1.shape != sigma2.shape:
         raise ValueError(f"covariances differ in shape: {list(sigma1.shape)} vs {list(sigma2.shape)}")
-    sqrt1 = symmetric_sqrtm(sigma1)  # [D, D]
-    product = sqrt1 @ sigma2.to(torch.float64) @ sqrt1  # [D, D], symmetric PSD up to round-off
-    product = (product + product.T) / 2
-    eigenvalues = torch.linalg.eigvalsh(product)  # [D]
-    return eigenvalues.clamp(min=0).sqrt().sum()
+    product = symmetric_sqrtm(sigma1) @ symmetric_sqrtm(sigma2)  # [D, D]
+    return torch.linalg.svdvals(product).sum()
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
