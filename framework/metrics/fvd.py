@@ -69,8 +69,11 @@ def prepare_clips(videos: Tensor | list[Tensor], clip_length: int, frame_stride:
     Raises ValueError for a wrong layout, values outside [-1, 1] (e.g. uint8 or [0, 255] input), NaNs, or a video
     shorter than ``(clip_length − 1) · frame_stride + 1`` frames (never silently pads or loops a short clip).
     """
-    items = list(videos) if isinstance(videos, (list, tuple)) else list(videos.unbind(0)) if videos.ndim == 5 else None
-    if items is None:
+    if isinstance(videos, (list, tuple)):
+        items = list(videos)
+    elif videos.ndim == 5:
+        items = list(videos.unbind(0))
+    else:
         raise ValueError(f"videos must be [B, 3, T, H, W] or a list of [3, T, H, W], got shape {list(videos.shape)}")
     if not items:
         raise ValueError("videos is empty")
