@@ -10,7 +10,8 @@ what matter):
 
 Both models see 640 tokens by default: 2 clips of 16 latent channels x 5 x 16 x 16, patch 1x2x2 (320 tokens each),
 16 caption tokens of width 64. Wan's FFN width is set to 4x the model width, like DiT's MLP. Model FLOPs per step
-are counted with ``torch.utils.flop_counter.FlopCounterMode`` (not estimated) and reported next to the throughput.
+are counted with ``framework.flop_count`` (PyTorch's FlopCounterMode plus the CPU attention kernel it misses), not
+estimated, and reported next to the throughput.
 
     pip install -e .[diffusers]
     python benchmarks/dit_vs_diffusers.py --threads 1     # eager, writes benchmarks/results/dit_vs_diffusers.json
@@ -29,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from framework.flop_count import counting_mode
 from framework.interfaces import Conditioning, DenoiserIO
 from framework.packing import PackedSequence
 from plugins.denoisers.dit import DiT
@@ -126,7 +127,7 @@ def train_step_fn(system, fused: bool, compile_model: bool) -> Callable[[], None
 
 def counted_flops(system) -> int:
     """Forward + backward FLOPs of one training step, counted by PyTorch's FLOP counter."""
-    with FlopCounterMode(display=False) as counter:
+    with counting_mode() as counter:
         system.loss(system.model.train()).backward()
     system.model.zero_grad(set_to_none=True)
     return counter.get_total_flops()

@@ -4,8 +4,9 @@ The seed's claim is that quality improves with training compute. This trains a l
 of the S/B/L/XL presets, scaled down so the whole sweep runs on a CPU in minutes) with the same recipe on the
 built-in synthetic dataset and records, every ``--eval-every`` steps, the rectified-flow loss on a held-out set
 (fixed clips, timesteps and noise, so every model and step is scored on identical problems) against the training
-FLOPs spent so far. FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one real training step
-(forward + backward; the optimizer's elementwise work is left out), not estimated from a formula.
+FLOPs spent so far. FLOPs are counted with ``framework.flop_count`` (PyTorch's FlopCounterMode plus the CPU
+attention kernel it misses) on one real training step (forward + backward; the optimizer's elementwise work is
+left out), not estimated from a formula.
 
     pip install matplotlib   # for the plot
     python benchmarks/scaling_study.py                      # writes benchmarks/results/scaling_study.{json,png}
@@ -24,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from framework.data.datamodules import collate_videos
 from framework.data.synthetic import SyntheticMovingShapes
+from framework.flop_count import counting_mode
 from framework.interfaces import Denoiser
 from framework.modules import VideoDiffusion
 from plugins.compressors.pixel import PixelCompressor
@@ -63,7 +64,7 @@ def batch_loss(module: VideoDiffusion, batch: dict, generator: torch.Generator |
 
 
 def training_flops(module: VideoDiffusion, batch: dict) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with counting_mode() as counter:
         batch_loss(module, batch, torch.Generator().manual_seed(0)).backward()
     module.zero_grad(set_to_none=True)
     return counter.get_total_flops()
