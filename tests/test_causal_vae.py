@@ -20,9 +20,14 @@ def one_thread():
 
 
 def tiny_vae(**kwargs) -> CausalVAE:
+    """A tiny CausalVAE whose output convolutions are random too (they start at zero, which would hide the
+    network behind its parameter-free shortcut), so every layer contributes, as after training."""
     torch.manual_seed(0)
     options = dict(latent_channels=4, size=VAESize.TINY, base_channels=8, tiling=None)
-    return CausalVAE(**{**options, **kwargs}).eval()
+    model = CausalVAE(**{**options, **kwargs}).eval()
+    model.encoder.conv_out.conv.reset_parameters()
+    model.decoder.conv_out.conv.reset_parameters()
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +90,20 @@ def test_the_first_frame_encodes_like_an_image(vae) -> None:
     video = smooth_video(9, 16, 16)
     with torch.no_grad():
         assert torch.allclose(vae.encode(video)[:, :, :1], vae.encode(video[:, :, :1]), atol=1e-6)
+
+
+def test_untrained_vae_is_the_block_average_autoencoder() -> None:
+    """Zero-initialised output convolutions: the fresh VAE reproduces each latent cell's mean colour."""
+    torch.manual_seed(0)
+    fresh = CausalVAE(latent_channels=6, size=VAESize.TINY, base_channels=8, tiling=None).eval()
+    video = smooth_video(5, 16, 16)
+    with torch.no_grad():
+        decoded = fresh.decode_latent(fresh.posterior(video).mean)  # [1, 3, 5, 16, 16]
+    first_cell = video[:, :, :1, :8, :8].mean((2, 3, 4))  # frame 0, top-left 8 x 8 pixels
+    later_cell = video[:, :, 1:5, 8:, 8:].mean((2, 3, 4))  # frames 1-4, bottom-right 8 x 8 pixels
+    assert torch.allclose(decoded[:, :, 0, :8, :8], first_cell[:, :, None, None].expand(-1, -1, 8, 8), atol=1e-5)
+    assert torch.allclose(decoded[:, :, 1:, 8:, 8:], later_cell[:, :, None, None, None].expand(-1, -1, 4, 8, 8),
+                          atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- bad input

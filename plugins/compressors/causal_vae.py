@@ -129,11 +129,50 @@ class Upsample(nn.Module):
         return self.conv(x, cache)  # [B, C, T', 2H, 2W]
 
 
-class CausalEncoder(nn.Module):
-    """conv -> [ResBlocks, strided causal conv] per level -> 2 ResBlocks -> norm, SiLU, conv to 2c moments."""
+class SpaceTimeShortcut(nn.Module):
+    """Parameter-free residual path between video and latent (DC-AE's "residual autoencoding", Chen et al., "Deep
+    Compression Autoencoder for Efficient High-Resolution Diffusion Models", 2024, here causal in time).
 
-    def __init__(self, channels: list[int], res_blocks: int, temporal_down: list[bool], latent_channels: int) -> None:
+    ``down``: the mean of each latent cell's pixels (frame 0 alone, then groups of ``temporal_factor`` frames, each
+    ``spatial_factor``^2 pixels), RGB copied cyclically into the ``c`` channels. ``up``: the mean of the channels
+    that hold each RGB colour, repeated over the cell's frames and pixels. Both are local to a latent cell, so chunks
+    and tiles stay exact; with the encoder's and decoder's output convolutions starting at zero, the untrained VAE
+    is this block-average autoencoder, and training learns the residual (which converges far faster on CPU).
+    """
+
+    def __init__(self, latent_channels: int, temporal_factor: int, spatial_factor: int) -> None:
         super().__init__()
+        self.temporal_factor, self.spatial_factor = temporal_factor, spatial_factor
+        rgb_of_channel = F.one_hot(torch.arange(latent_channels) % 3, 3).float()  # [c, 3]
+        self.register_buffer("copy", rgb_of_channel, persistent=False)  # [c, 3]
+        self.register_buffer("average", rgb_of_channel / rgb_of_channel.sum(0), persistent=False)  # [c, 3]
+
+    def down(self, video: Tensor, first_chunk: bool) -> Tensor:
+        tf, sf = self.temporal_factor, self.spatial_factor
+        head, rest = (video[:, :, :1], video[:, :, 1:]) if first_chunk else (video[:, :, :0], video)
+        groups = rest.unflatten(2, (-1, tf)).mean(3)  # [B, 3, k, H, W]
+        frames = torch.cat([head, groups], dim=2)  # [B, 3, t, H, W]
+        cells = F.avg_pool3d(frames, (1, sf, sf))  # [B, 3, t, h, w]
+        return torch.einsum("bkthw,ck->bcthw", cells, self.copy)  # [B, c, t, h, w]
+
+    def up(self, z: Tensor, first_chunk: bool) -> Tensor:
+        rgb = torch.einsum("bcthw,ck->bkthw", z, self.average)  # [B, 3, t, h, w]
+        frames = rgb.repeat_interleave(self.temporal_factor, dim=2)  # [B, 3, t*tf, h, w]
+        if first_chunk:
+            frames = frames[:, :, self.temporal_factor - 1 :]  # [B, 3, 1 + (t-1)*tf, h, w]: frame 0 is one frame
+        return frames.repeat_interleave(self.spatial_factor, 3).repeat_interleave(self.spatial_factor, 4)
+
+
+class CausalEncoder(nn.Module):
+    """conv -> [ResBlocks, strided causal conv] per level -> 2 ResBlocks -> norm, SiLU, conv to 2c moments
+    (+ the block-average shortcut on the mean)."""
+
+    def __init__(
+        self, channels: list[int], res_blocks: int, temporal_down: list[bool], latent_channels: int,
+        shortcut: SpaceTimeShortcut,
+    ) -> None:
+        super().__init__()
+        self.shortcut = shortcut
         self.conv_in = CausalConv3d(3, channels[0])
         self.stages, self.downs = nn.ModuleList(), nn.ModuleList()
         c = channels[0]
@@ -145,8 +184,9 @@ class CausalEncoder(nn.Module):
         self.mid = nn.ModuleList([ResBlock(c, c), ResBlock(c, c)])
         self.norm_out, self.conv_out = ChannelRMSNorm(c), CausalConv3d(c, 2 * latent_channels)
 
-    def forward(self, x: Tensor, cache: StreamCache | None = None) -> Tensor:
-        x = self.conv_in(x, cache)  # [B, C0, T, H, W]
+    def forward(self, video: Tensor, cache: StreamCache | None = None) -> Tensor:
+        first_chunk = cache is None or cache.first_call(self)
+        x = self.conv_in(video, cache)  # [B, C0, T, H, W]
         for level, stage in enumerate(self.stages):
             for block in stage:
                 x = block(x, cache)  # [B, Ci, Ti, Hi, Wi]
@@ -154,14 +194,20 @@ class CausalEncoder(nn.Module):
                 x = self.downs[level](x, cache)  # [B, Ci, Ti or 1+(Ti-1)/2, Hi/2, Wi/2]
         for block in self.mid:
             x = block(x, cache)  # [B, C, t, h, w]
-        return self.conv_out(F.silu(self.norm_out(x)), cache)  # [B, 2c, t, h, w]
+        mean, logvar = self.conv_out(F.silu(self.norm_out(x)), cache).chunk(2, dim=1)  # each [B, c, t, h, w]
+        return torch.cat([mean + self.shortcut.down(video, first_chunk), logvar], dim=1)  # [B, 2c, t, h, w]
 
 
 class CausalDecoder(nn.Module):
-    """Mirror of the encoder: conv -> 2 ResBlocks -> [ResBlocks, Upsample] per level -> norm, SiLU, conv to RGB."""
+    """Mirror of the encoder: conv -> 2 ResBlocks -> [ResBlocks, Upsample] per level -> norm, SiLU, conv to RGB
+    (+ the block-average shortcut)."""
 
-    def __init__(self, channels: list[int], res_blocks: int, temporal_up: list[bool], latent_channels: int) -> None:
+    def __init__(
+        self, channels: list[int], res_blocks: int, temporal_up: list[bool], latent_channels: int,
+        shortcut: SpaceTimeShortcut,
+    ) -> None:
         super().__init__()
+        self.shortcut = shortcut
         widths = channels[::-1]
         c = widths[0]
         self.conv_in = CausalConv3d(latent_channels, c)
@@ -175,6 +221,7 @@ class CausalDecoder(nn.Module):
         self.norm_out, self.conv_out = ChannelRMSNorm(c), CausalConv3d(c, 3)
 
     def forward(self, z: Tensor, cache: StreamCache | None = None) -> Tensor:
+        first_chunk = cache is None or cache.first_call(self)
         x = self.conv_in(z, cache)  # [B, C, t, h, w]
         for block in self.mid:
             x = block(x, cache)  # [B, C, t, h, w]
@@ -183,7 +230,7 @@ class CausalDecoder(nn.Module):
                 x = block(x, cache)  # [B, Ci, Ti, Hi, Wi]
             if level < len(self.ups):
                 x = self.ups[level](x, cache)  # [B, Ci, Ti or 2Ti-1, 2Hi, 2Wi]
-        return self.conv_out(F.silu(self.norm_out(x)), cache)  # [B, 3, T, H, W]
+        return self.conv_out(F.silu(self.norm_out(x)), cache) + self.shortcut.up(z, first_chunk)  # [B, 3, T, H, W]
 
 
 # ------------------------------------------------------------------------------------------------------ tiling
@@ -309,8 +356,14 @@ class CausalVAE(VariationalCompressor):
         downs, temporal_downs = int(math.log2(spatial_factor)), int(math.log2(temporal_factor))
         channels = [base * min(2**level, 4) for level in range(downs + 1)]
         temporal_down = [level >= downs - temporal_downs for level in range(downs)]  # time at the deepest levels
-        self.encoder = CausalEncoder(channels, blocks, temporal_down, latent_channels)
-        self.decoder = CausalDecoder(channels, blocks, temporal_down[::-1], latent_channels)
+        shortcut = SpaceTimeShortcut(latent_channels, temporal_factor, spatial_factor)
+        self.encoder = CausalEncoder(channels, blocks, temporal_down, latent_channels, shortcut)
+        self.decoder = CausalDecoder(channels, blocks, temporal_down[::-1], latent_channels, shortcut)
+        for conv in (self.encoder.conv_out.conv, self.decoder.conv_out.conv):
+            nn.init.zeros_(conv.weight)  # start as the shortcut (block-average) autoencoder; see SpaceTimeShortcut
+            nn.init.zeros_(conv.bias)
+        # Posterior std starts at e^-3 ~ 0.05 instead of 1: unit noise would swamp the shortcut latent (std ~0.3)
+        nn.init.constant_(self.encoder.conv_out.conv.bias[latent_channels:], -6.0)
         if checkpoint is not None:
             self.load_weights(checkpoint)
 
