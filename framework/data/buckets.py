@@ -127,9 +127,9 @@ class BucketGrid:
         self.sizes: dict[float, list[tuple[int, int]]] = {}
         for aspect in sorted(set(config.aspect_ratios)):
             sizes = set()
-            for side in config.resolutions:
-                h = max(m, round(side / math.sqrt(aspect) / m) * m)
-                w = max(m, round(side * math.sqrt(aspect) / m) * m)
+            for side in config.resolutions:  # nearest multiple of m, halves rounded up (not to even)
+                h = max(m, math.floor(side / math.sqrt(aspect) / m + 0.5) * m)
+                w = max(m, math.floor(side * math.sqrt(aspect) / m + 0.5) * m)
                 sizes.add((h, w))
             self.sizes[aspect] = sorted(sizes, key=lambda s: s[0] * s[1])
         self.buckets: list[Bucket] = sorted(
