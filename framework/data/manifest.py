@@ -35,6 +35,7 @@ import av
 import lightning as L
 import numpy as np
 import torch
+from av.video.reformatter import Colorspace
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -51,7 +52,6 @@ from framework.video_io import (
     _stream_fps,
     probe_video,
 )
-from av.video.reformatter import Colorspace
 
 log = logging.getLogger("kinetoscope.data")
 
