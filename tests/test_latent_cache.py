@@ -156,3 +156,25 @@ def test_video_diffusion_trains_from_the_cache(tmp_path) -> None:
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=CachedLatentDataModule(str(tmp_path), batch_size=2))
     assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_training_with_another_compressor_than_the_cache_fails_naming_both(tmp_path) -> None:
+    import lightning as L
+
+    write_latent_cache(tiny_vae(), data().dataset, tmp_path / "cache", max_samples=2, progress=False)
+
+    class Model(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.compressor = CausalVAE(latent_channels=4, size=VAESize.TINY, base_channels=4, tiling=None)
+
+        def training_step(self, batch, batch_idx):
+            raise AssertionError("setup must fail before any training step")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.compressor.parameters(), lr=0.1)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="written by another compressor.*CausalVAE.*CausalVAE"):
+        trainer.fit(Model(), datamodule=CachedLatentDataModule(str(tmp_path / "cache")))
