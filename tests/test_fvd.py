@@ -149,6 +149,15 @@ def test_fvd_equals_scipy_on_the_extracted_features():
     assert float(metric.compute()["fvd"]) == pytest.approx(expected, rel=1e-6)
 
 
+def test_precomputed_features_update_the_result_after_a_compute():
+    metric = tiny_fvd()
+    metric.update_features(torch.randn(5, 8), real=True)
+    metric.update_features(torch.randn(5, 8), real=False)
+    first = float(metric.compute()["fvd"])
+    metric.update_features(torch.randn(5, 8) + 3, real=False)  # must not return the cached first result
+    assert float(metric.compute()["fvd"]) > first + 1
+
+
 def test_fvd_states_merge_like_ddp_ranks():
     """Sum-reduced float64 states: two ranks' halves merged give exactly the single-process statistics."""
     real, fake = torch.rand(8, 3, 4, 8, 8) * 2 - 1, torch.rand(8, 3, 4, 8, 8) * 2 - 1

@@ -167,10 +167,17 @@ class FrechetVideoDistance(Metric):
         return torch.cat(features)  # [B, D]
 
     def update(self, videos: Tensor | list[Tensor], real: bool) -> None:
-        self.update_features(self.extract_features(videos), real)
+        self._add_features(self.extract_features(videos), real)
 
     def update_features(self, features: Tensor, real: bool) -> None:
-        """Add precomputed features [B, D] to the real or fake statistics."""
+        """Add precomputed features [B, D] to the real or fake statistics (instead of ``update(videos, ...)``)."""
+        # torchmetrics does this bookkeeping only inside ``update``: drop the cached compute() result and count the
+        # update, so a compute() after this call sees the new features (and does not warn about a missing update).
+        self._computed = None
+        self._update_count += 1
+        self._add_features(features, real)
+
+    def _add_features(self, features: Tensor, real: bool) -> None:
         if features.ndim != 2 or features.shape[1] != self.num_features:
             raise ValueError(f"features must be [B, {self.num_features}], got shape {list(features.shape)}")
         if not torch.isfinite(features).all():
