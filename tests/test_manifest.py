@@ -240,3 +240,19 @@ def test_shared_real_clips_decode_at_bucket_sizes():
     for index in range(0, len(dataset), 5):
         sample = dataset[index]
         assert tuple(sample["video"].shape) == (3, *dataset.samples[index].bucket.shape)
+
+
+def test_decode_failures_in_worker_processes_reach_the_batches(tmp_path):
+    """With DataLoader workers the failure is found in another process; it must still arrive with the batch."""
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        write_numbered_mp4(tmp_path / name, 12, 32, 32, fps=8)
+    data = (tmp_path / "b.mp4").read_bytes()
+    (tmp_path / "b.mp4").write_bytes(data[: len(data) // 2])
+    meta = {"fps": 8, "frames": 12, "width": 32, "height": 32}
+    manifest = write_manifest(tmp_path / "m.csv", [{"path": n, "caption": n, **meta} for n in ("a.mp4", "b.mp4", "c.mp4")])
+    module = ManifestVideoDataModule(manifest, buckets=SMALL_BUCKETS, geometry=GEOMETRY, tokens_per_batch=288,
+                                     num_workers=2)
+    batches = list(module.train_dataloader())
+    assert sorted(i for b in batches for i in b["ids"]) in (["a.mp4", "a.mp4", "c.mp4"], ["a.mp4", "c.mp4", "c.mp4"])
+    skipped = [s for b in batches for s in b["skipped"]]
+    assert [Path(s.path).name for s in skipped] == ["b.mp4"] and "Invalid data" in skipped[0].reason  # no index
