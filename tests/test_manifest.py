@@ -196,9 +196,11 @@ def test_a_file_that_fails_while_decoding_is_replaced_and_reported(tmp_path):
 class RecordShapes(L.Callback):
     def __init__(self):
         self.shapes: list[tuple[int, ...]] = []
+        self.ids: dict[int, list[str]] = {}  # epoch -> sample ids in order
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.shapes += [tuple(v.shape) for v in batch["videos"]]
+        self.ids.setdefault(trainer.current_epoch, []).extend(batch["ids"])
 
 
 def test_images_and_videos_train_in_one_run_and_bad_files_are_reported(media, tmp_path, caplog):
@@ -214,6 +216,7 @@ def test_images_and_videos_train_in_one_run_and_bad_files_are_reported(media, tm
     good = len(rows) - len(broken)
     assert len(record.shapes) == 2 * good  # every good sample, every epoch, none dropped
     assert {s[1] for s in record.shapes} == {1, 4, 8}  # stills and clips in the same run
+    assert sorted(record.ids[0]) == sorted(record.ids[1]) and record.ids[0] != record.ids[1]  # reshuffled per epoch
     report = next(cb for cb in trainer.callbacks if isinstance(cb, SkippedSamplesReport))
     assert sorted(Path(p).name for p in report.last_report.paths) == sorted(broken)
     assert trainer.callback_metrics["data/skipped_samples"] == len(broken)

@@ -200,6 +200,17 @@ def shard_batches(batches: list[list[int]], rank: int, world_size: int, drop_las
     return batches[rank::world_size]
 
 
+class _EpochForwarder:
+    """Lightning calls ``set_epoch`` on ``dataloader.sampler`` and ``batch_sampler.sampler``, never on a batch sampler
+    itself; as a batch sampler's ``sampler`` this hands the call on, so every epoch gets a new order."""
+
+    def __init__(self, owner: _EpochBatchSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class _EpochBatchSampler(Sampler[list[int]]):
     """Shared epoch / rank bookkeeping: subclasses build ``global_batches()`` from ``(seed, epoch)``."""
 
@@ -207,6 +218,7 @@ class _EpochBatchSampler(Sampler[list[int]]):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.rank, self.world_size = distributed_rank_and_size(rank, world_size)
         self.epoch = 0
+        self.sampler = _EpochForwarder(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
