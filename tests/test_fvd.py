@@ -338,10 +338,18 @@ def test_missing_weights_say_how_to_fetch(tmp_path, capsys):
 
 
 @needs_weights
-def test_real_weights_load_and_classify_consistently():
+def test_cached_real_weights_come_from_the_released_checkpoint():
+    from safetensors import safe_open
+
+    from framework.metrics.i3d_weights import I3D_CKPT_SHA256
+
+    with safe_open(str(i3d_weights_path()), "pt") as weights:
+        assert weights.metadata()["ckpt_sha256"] == I3D_CKPT_SHA256
     model = load_i3d()
-    assert model.Conv3d_1a_7x7.batch_norm.moving_variance.min() > 0
-    assert float(model.Logits["Conv3d_0c_1x1"].conv_3d.bias.abs().sum()) > 0
+    assert not model.Conv3d_1a_7x7.conv_3d.weight.requires_grad
+    # batch_stats/Conv3d_1a_7x7/BatchNorm_0/var[..., :2] of i3d-kinetics-400.ckpt, read when the port was written
+    variance = model.Conv3d_1a_7x7.batch_norm.moving_variance[:2].tolist()
+    assert variance == pytest.approx([16.1436, 27.3826], abs=1e-4)
 
 
 @needs_weights
