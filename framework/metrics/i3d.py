@@ -135,7 +135,8 @@ class InceptionI3D(nn.Module):
 
     ``num_features`` (= ``num_classes``) is what ``FrechetVideoDistance`` reads to size its statistics. A freshly
     constructed model is randomly initialised (for tests); ``framework.metrics.i3d_weights.load_i3d`` loads the
-    real weights. Inputs need at least 9 frames and 193×193 pixels for the 2×7×7 VALID logits pool to fit.
+    real weights. Inputs need at least 9 frames and 193×193 pixels for the 2×7×7 VALID logits pool to fit; above
+    224×224 the pooled logits are also averaged over space (TF-Hub's module accepts only a 1×1 spatial output).
     """
 
     def __init__(self, num_classes: int = NUM_KINETICS_CLASSES) -> None:
