@@ -27,6 +27,9 @@ def test_object_permanence_checks_shape_and_scores_a_model():
     background = "black"
     assert probe.score(case, probe.render("red", "circle", background)) == 0.0  # came out as the wrong shape
     assert probe.score(case, probe.render("red", "square", background)) == 1.0
+    no_bar = probe.render("red", "square", background)
+    no_bar[:, :, :, probe.occluder[0]: probe.occluder[1]] = -1.0  # the scene without its occluder
+    assert probe.score(case, no_bar) == 0.0
     half_right = probe.run(lambda cs: [c.target if i % 2 == 0 else torch.zeros_like(c.target)
                                        for i, c in enumerate(cs)])
     assert half_right.model == pytest.approx(0.5)

@@ -4,8 +4,8 @@ Each probe renders cases whose correct continuation is known exactly, scores any
 the score of reference continuations next to the model's, so a number always comes with its scale:
 
 * :class:`ObjectPermanenceProbe` -- an object moves at constant speed behind an occluding bar. A continuation
-  passes when, in its last frames, the object has come out on the far side with the same colour and shape
-  (square vs circle, from how much of its bounding box it fills). Ground truth scores 1; freezing the last context
+  passes when the bar stays in place and, in its last frames, the object has come out on the far side with the
+  same colour and shape (square vs circle, from how much of its bounding box it fills). Ground truth scores 1; freezing the last context
   frame, letting the object vanish, or changing its colour behind the bar score 0.
 * :class:`ConstantMotionProbe` -- an object moves at constant velocity over a long clip; the score is
   ``1 − min(1, |v_late − v_true| / |v_true|)`` with ``v_late`` the least-squares centroid velocity over the second
@@ -210,9 +210,17 @@ class ObjectPermanenceProbe(_Probe):
         }
 
     def score(self, case: ProbeCase, video: Tensor) -> float:
-        """1 when, in the last ``check_frames`` frames, the object is out past the occluder with the same colour
-        and shape; else 0."""
+        """1 when the occluder stays in place (>= 80 % of its pixels occluder-gray in every frame) and, in the last
+        ``check_frames`` frames, the object is out past it with the same colour and shape; else 0.
+
+        Requiring the occluder keeps the probe about permanence: a model that never draws the bar (e.g. a text
+        model ignoring "behind a gray bar") cannot pass by simply drawing the object on the right.
+        """
         pixels = _pixels(video)  # [3, T, H, W]
+        bar = pixels[:, :, :, self.occluder[0]: self.occluder[1]]  # [3, T, H, W_bar]
+        bar_gray = ~_foreground(bar, [OCCLUDER_RGB])  # [T, H, W_bar]: within the threshold of the occluder colour
+        if float(bar_gray.flatten(1).float().mean(1).min()) < 0.8:
+            return 0.0
         tail = pixels[:, -self.check_frames:, :, self.occluder[1]:]  # [3, K, H, W'] right of the occluder
         background = [BACKGROUND_COLOURS[b] for b in BACKGROUND_COLOURS]
         mask = _foreground(tail, background + [OCCLUDER_RGB])  # [K, H, W']
