@@ -137,8 +137,6 @@ def test_cli_reports_a_config_without_a_compressor(tmp_path, capsys) -> None:
     assert "model.init_args.compressor" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(reason="needs VideoDiffusion.training_step to use batch['latents'] when present (lead-owned)",
-                   strict=False)
 def test_video_diffusion_trains_from_the_cache(tmp_path) -> None:
     import lightning as L
 

@@ -74,3 +74,28 @@ def test_ema_weights_follow_the_exponential_average_and_are_used_for_sampling() 
     torch.testing.assert_close(head(ema_denoiser), expected)
     assert not torch.equal(head(ema_denoiser), history[-1])
     assert ema_denoiser is not model.denoiser
+
+
+def test_negative_prompts_and_guidance_rescale_change_generation_and_empty_ones_do_not(tmp_path) -> None:
+    from framework.data.prompts import Prompts, load_prompt_requests
+
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    for p in model.denoiser.parameters():  # zero-initialised layers would make every caption look the same
+        torch.nn.init.normal_(p, std=0.2)
+    captions = ["a red square moving left on a black background"] * 2
+    sizes, seeds = [(4, 16, 16)] * 2, [3, 3]
+    plain = model.generate(captions, sizes, seeds, steps=4, guidance_scale=3.0)
+    empty = model.generate(captions, sizes, seeds, steps=4, guidance_scale=3.0, negative_prompts=["", ""])
+    negative = model.generate(captions, sizes, seeds, steps=4, guidance_scale=3.0,
+                              negative_prompts=["", "a blue circle moving up on a white background"])
+    rescaled = model.generate(captions, sizes, seeds, steps=4, guidance_scale=3.0, guidance_rescale=0.7)
+    torch.testing.assert_close(empty[0], plain[0])
+    torch.testing.assert_close(negative[0], plain[0])  # the first sample has no negative prompt
+    assert not torch.allclose(negative[1], plain[1], atol=1e-3)
+    assert not torch.allclose(rescaled[0], plain[0], atol=1e-3)
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text('{"caption": "a", "negative_prompt": "static"}\n{"caption": "b"}\n')
+    requests = load_prompt_requests(Prompts(file=prompts_file, negative_prompt="blurry"))
+    assert [r.negative_prompt for r in requests] == ["static", "blurry"]

@@ -12,7 +12,9 @@ from torch.utils.data import Dataset
 @dataclass
 class Prompts:
     """Prompts for generation. ``file`` is a text file with one caption per line or a JSONL file whose rows hold a
-    ``caption`` and optionally ``frames``, ``height``, ``width``, ``seed``; its rows come after ``captions``."""
+    ``caption`` and optionally ``frames``, ``height``, ``width``, ``seed``, ``negative_prompt``; its rows come after
+    ``captions``. ``negative_prompt`` applies to every prompt that does not set its own (classifier-free guidance
+    steers away from it instead of from the empty caption)."""
 
     captions: list[str] = field(default_factory=list)
     file: Path | None = None
@@ -21,6 +23,7 @@ class Prompts:
     width: int = 16
     seed: int = 0
     samples_per_prompt: int = 1
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -31,6 +34,7 @@ class PromptRequest:
     height: int
     width: int
     seed: int
+    negative_prompt: str = ""
 
     @property
     def name(self) -> str:
@@ -58,6 +62,7 @@ def load_prompt_requests(prompts: Prompts) -> list[PromptRequest]:
                     height=int(row.get("height", prompts.height)),
                     width=int(row.get("width", prompts.width)),
                     seed=base_seed + k if "seed" in row else base_seed,
+                    negative_prompt=str(row.get("negative_prompt", prompts.negative_prompt)),
                 )
             )
     for r in requests:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from framework.data.prompts import PromptRequest
-from framework.guidance import guided_model_fn
+from framework.guidance import guided_model_fn, unconditional_branch
 from framework.interfaces import Compressor, Conditioner, Denoiser, DenoiserIO, Patcher, Sampler
 from framework.packing import PackedSequence
 
@@ -52,6 +52,7 @@ class VideoDiffusion(L.LightningModule):
         ema_decay: float = 0.0,
         sampling_steps: int = 30,
         guidance_scale: float = 4.0,
+        guidance_rescale: float = 0.0,
         output_fps: float = 8.0,
     ) -> None:
         """``cosine_decay`` anneals the learning rate to ``min_lr_ratio`` of its peak by the end of training
@@ -66,6 +67,8 @@ class VideoDiffusion(L.LightningModule):
             raise ValueError(f"VideoDiffusion: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"VideoDiffusion: ema_decay must be in [0, 1), got {ema_decay}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"VideoDiffusion: guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if sampling_steps < 1:
             raise ValueError(f"VideoDiffusion: sampling_steps must be >= 1, got {sampling_steps}")
         # Under LightningCLI the hyperparameters are the plugins' class_path/init_args config, which
@@ -96,11 +99,12 @@ class VideoDiffusion(L.LightningModule):
         return self.patcher.patchify(latents)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        clean = self.encode(batch["videos"])
+        # A latent cache (``kinetoscope cache-latents``) serves pre-encoded latents; otherwise encode the pixels here.
+        clean = self.patcher.patchify(batch["latents"]) if "latents" in batch else self.encode(batch["videos"])
         cond = self.conditioner(batch["captions"])
         per_sample = self.sampler.training_loss(lambda x, t: self.denoiser(x, t, cond), clean)  # [B]
         loss = per_sample.mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["videos"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -148,14 +152,24 @@ class VideoDiffusion(L.LightningModule):
         seeds: list[int],
         steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float | None = None,
+        negative_prompts: list[str] | None = None,
     ) -> list[Tensor]:
-        """Sample one video per caption at its (frames, height, width) -> list of [3, T, H, W] in [-1, 1] (CPU)."""
+        """Sample one video per caption at its (frames, height, width) -> list of [3, T, H, W] in [-1, 1] (CPU).
+
+        Guidance steers away from the empty caption, or from ``negative_prompts`` where given (an empty string
+        there means the empty caption); ``guidance_rescale`` is Lin et al.'s (2023) rescale weight."""
         if not captions:
             raise ValueError("generate: the caption list is empty")
         if not len(captions) == len(sizes) == len(seeds):
             raise ValueError(f"generate: got {len(captions)} captions, {len(sizes)} sizes and {len(seeds)} seeds")
         steps = steps or self.hparams.sampling_steps
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        rescale = self.hparams.guidance_rescale if guidance_rescale is None else guidance_rescale
+        if negative_prompts is not None and len(negative_prompts) != len(captions):
+            raise ValueError(f"generate: got {len(captions)} captions and {len(negative_prompts)} negative prompts")
+        if negative_prompts is not None and not any(negative_prompts):
+            negative_prompts = None  # all empty: the null condition itself
         noise_latents = []
         for caption, (frames, height, width), seed in zip(captions, sizes, seeds):
             try:
@@ -171,8 +185,8 @@ class VideoDiffusion(L.LightningModule):
         self.eval()  # no caption dropout or other training-only behaviour while sampling
         try:
             cond = conditioner(captions)
-            null = conditioner.null(len(captions)) if scale != 1.0 else None
-            clean = self.sampler.sample(guided_model_fn(denoiser, cond, null, scale), noise, steps)
+            null = unconditional_branch(conditioner, len(captions), negative_prompts) if scale != 1.0 else None
+            clean = self.sampler.sample(guided_model_fn(denoiser, cond, null, scale, rescale), noise, steps)
         finally:
             self.train(was_training)
         latents = self.patcher.unpatchify(clean)
@@ -180,7 +194,10 @@ class VideoDiffusion(L.LightningModule):
 
     def predict_step(self, batch: list[PromptRequest], batch_idx: int) -> list[GeneratedVideo]:
         videos = self.generate(
-            [r.caption for r in batch], [(r.frames, r.height, r.width) for r in batch], [r.seed for r in batch]
+            [r.caption for r in batch],
+            [(r.frames, r.height, r.width) for r in batch],
+            [r.seed for r in batch],
+            negative_prompts=[r.negative_prompt for r in batch],
         )
         return [GeneratedVideo(r, v, self.hparams.output_fps) for r, v in zip(batch, videos)]
 

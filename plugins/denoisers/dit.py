@@ -19,6 +19,7 @@ from framework.attention import AttentionBackend, packed_cross_attention, packed
 from framework.interfaces import Conditioning, Denoiser, DenoiserIO
 from framework.packing import PackedSequence
 from framework.rope import Rope3D, apply_rope
+from plugins.denoisers.presets import Preset, resolve_size
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -94,18 +95,19 @@ class DiT(Denoiser):
 
     def __init__(
         self,
-        width: int = 384,
-        depth: int = 12,
-        num_heads: int = 6,
+        preset: Preset | None = None,
+        width: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
         mlp_ratio: float = 4.0,
         attention: AttentionBackend = AttentionBackend.AUTO,
         gradient_checkpointing: bool = False,
     ) -> None:
+        """``preset`` (S, B, L, XL: DiT's sizes) sets width, depth and heads; any of them given explicitly overrides
+        it, and with neither the size is S (384 wide, 12 deep, 6 heads)."""
         super().__init__()
-        if width % num_heads:
-            raise ValueError(f"DiT: width {width} is not divisible by num_heads {num_heads}")
-        if depth < 1:
-            raise ValueError(f"DiT: depth must be >= 1, got {depth}")
+        size = resolve_size("DiT", preset, width, depth, num_heads)
+        width, depth, num_heads = size.width, size.depth, size.num_heads
         self.width, self.depth, self.num_heads = width, depth, num_heads
         self.gradient_checkpointing = gradient_checkpointing
         self.rope = Rope3D(width // num_heads)

@@ -123,7 +123,8 @@ class STDiT(DiT):
         size = resolve_size("STDiT", preset, width, depth, num_heads)
         # DiT builds the embedders, final layer and weight init; depth=1 keeps it from allocating full-attention
         # blocks that are replaced right away by factorised ones.
-        super().__init__(size.width, 1, size.num_heads, mlp_ratio, attention, gradient_checkpointing)
+        super().__init__(width=size.width, depth=1, num_heads=size.num_heads, mlp_ratio=mlp_ratio, attention=attention,
+                         gradient_checkpointing=gradient_checkpointing)
         self.depth = size.depth
         axes = [AttentionAxis.SPATIAL, AttentionAxis.TEMPORAL]
         self.blocks = nn.ModuleList(
