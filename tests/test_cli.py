@@ -21,7 +21,9 @@ from framework.cli import cli_main
 from framework.video_io import read_video
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(REPO.glob("configs/**/*.yaml"))
+# Overlay files of `kinetoscope ablate` (configs/ablations/<axis>/*.yaml) are partial configs: tests/test_ablate.py
+# runs each composed with its base.
+CONFIGS = sorted(p for p in REPO.glob("configs/**/*.yaml") if p.parent.parent != REPO / "configs" / "ablations")
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 BUILTIN_PLUGINS = {

@@ -10,6 +10,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from framework.data.buckets import (
+    Bucket,
     BucketConfig,
     BucketGrid,
     ShapeBucketBatchSampler,
@@ -58,7 +59,10 @@ class GenerationDataModule(L.LightningDataModule):
 
 
 class SyntheticVideoDataModule(GenerationDataModule):
-    """The embedded default: coloured shapes moving in named directions, several sizes, aspect ratios and lengths."""
+    """The embedded default: coloured shapes moving in named directions, several sizes, aspect ratios and lengths.
+
+    Batches hold one shape each (``batch_size`` samples); set ``tokens_per_batch`` to pack mixed shapes instead.
+    """
 
     def __init__(
         self,
@@ -71,16 +75,27 @@ class SyntheticVideoDataModule(GenerationDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         prompts: Prompts | None = None,
+        tokens_per_batch: int | None = None,
+        geometry: TokenGeometry | None = None,
     ) -> None:
         super().__init__(prompts)
         self.dataset = SyntheticMovingShapes(num_samples, [tuple(s) for s in sizes], object_size, speed, seed, fps)
         self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
+        self.tokens_per_batch, self.geometry = tokens_per_batch, geometry or TokenGeometry()
+
+    def batch_sampler(self) -> ShapeBucketBatchSampler | TokenBudgetBatchSampler:
+        """One shape per batch of ``batch_size`` (buckets), or, with ``tokens_per_batch`` set, mixed shapes packed up
+        to that many tokens (``geometry`` must match the model's compressor factors and patch size)."""
+        shapes = [self.dataset.shape_of(i) for i in range(len(self.dataset))]
+        if self.tokens_per_batch is None:
+            return ShapeBucketBatchSampler(shapes, self.batch_size, seed=self.seed)
+        tokens = [self.geometry.tokens(Bucket(*shape)) for shape in shapes]
+        return TokenBudgetBatchSampler(tokens, self.tokens_per_batch, seed=self.seed, max_batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        shapes = [self.dataset.shape_of(i) for i in range(len(self.dataset))]
         return DataLoader(
             self.dataset,
-            batch_sampler=ShapeBucketBatchSampler(shapes, self.batch_size, seed=self.seed),
+            batch_sampler=self.batch_sampler(),
             collate_fn=collate_videos,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
