@@ -34,6 +34,9 @@ class VideoWriter(BasePredictionWriter):
         with open(self.output_dir / "index.jsonl", "a", encoding="utf-8") as index:
             for item in prediction:
                 r = item.request
+                if getattr(item, "error", None) is not None:  # a failed prompt row: recorded, nothing to write
+                    index.write(json.dumps({"index": r.index, "caption": r.caption, "error": item.error}) + "\n")
+                    continue
                 files = [write_video(self.output_dir / f"{r.name}.{fmt}", item.video, item.fps, self.upscale)
                          for fmt in self.formats]
                 if self.frame_grid:

@@ -1,7 +1,14 @@
-"""What ``predict`` generates: captions with a size and a seed, from the config or from a prompts file."""
+"""What ``predict`` generates: captions with a size and a seed, from the config or from a prompts file.
+
+A JSONL prompts file can also ask for a generation task other than text-to-video (see ``GenerationTask`` and
+docs/conditioning.md): each row may give ``task``, ``image``, ``video``, ``video_end``, ``context_frames``,
+``strength`` and ``guidance``. A row whose fields are wrong (an unknown task, a strength outside [0, 1], a missing
+path) becomes a request carrying an ``error`` that names the row and the field; the other rows still run.
+"""
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +33,28 @@ class Prompts:
     negative_prompt: str = ""
 
 
+class GenerationTask(str, enum.Enum):
+    """What a prompt asks for; every task but text-to-video is conditioned on given frames or a given video."""
+
+    TEXT_TO_VIDEO = "text_to_video"
+    IMAGE_TO_VIDEO = "image_to_video"  # ``image`` becomes the first frame
+    EXTEND_FORWARD = "extend_forward"  # the last ``context_frames`` of ``video`` start the output
+    EXTEND_BACKWARD = "extend_backward"  # the first ``context_frames`` of ``video`` end the output
+    INTERPOLATE = "interpolate"  # the end of ``video`` starts the output, the start of ``video_end`` ends it
+    SDEDIT = "sdedit"  # ``video`` noised to ``strength`` and denoised under the caption (Meng et al. 2022)
+
+
+# The path fields each task needs.
+TASK_INPUTS: dict[GenerationTask, tuple[str, ...]] = {
+    GenerationTask.TEXT_TO_VIDEO: (),
+    GenerationTask.IMAGE_TO_VIDEO: ("image",),
+    GenerationTask.EXTEND_FORWARD: ("video",),
+    GenerationTask.EXTEND_BACKWARD: ("video",),
+    GenerationTask.INTERPOLATE: ("video", "video_end"),
+    GenerationTask.SDEDIT: ("video",),
+}
+
+
 @dataclass
 class PromptRequest:
     index: int
@@ -35,6 +64,15 @@ class PromptRequest:
     width: int
     seed: int
     negative_prompt: str = ""
+    task: GenerationTask = GenerationTask.TEXT_TO_VIDEO
+    image: Path | None = None
+    video: Path | None = None
+    video_end: Path | None = None
+    context_frames: int = 1  # frames taken from each given video (extension, interpolation)
+    strength: float = 0.6  # SDEdit: the noise level the given video starts from, in [0, 1]
+    guidance: float | None = None  # overrides the model's guidance scale for this prompt
+    source: str = ""  # where the prompt came from (``file:line`` or ``captions[i]``), for error messages
+    error: str | None = None  # set for a row that cannot run; it is reported instead of generated
 
     @property
     def name(self) -> str:
@@ -43,7 +81,7 @@ class PromptRequest:
 
 
 def load_prompt_requests(prompts: Prompts) -> list[PromptRequest]:
-    rows: list[dict] = [{"caption": c} for c in prompts.captions]
+    rows: list[dict] = [{"caption": c, "_source": f"captions[{i}]"} for i, c in enumerate(prompts.captions)]
     if prompts.file is not None:
         rows += _read_prompt_file(Path(prompts.file))
     if not rows:
@@ -63,13 +101,48 @@ def load_prompt_requests(prompts: Prompts) -> list[PromptRequest]:
                     width=int(row.get("width", prompts.width)),
                     seed=base_seed + k if "seed" in row else base_seed,
                     negative_prompt=str(row.get("negative_prompt", prompts.negative_prompt)),
+                    source=str(row.get("_source", "")),
                 )
             )
+            _apply_task_fields(requests[-1], row, base_dir=Path(prompts.file).parent if prompts.file else Path("."))
     for r in requests:
         for name in ("frames", "height", "width"):
             if getattr(r, name) < 1:
                 raise ValueError(f"prompt {r.index} ({r.caption!r}): {name} must be >= 1, got {getattr(r, name)}")
     return requests
+
+
+def _apply_task_fields(request: PromptRequest, row: dict, base_dir: Path) -> None:
+    """Fill the task fields of ``request`` from ``row``; a bad field sets ``request.error`` naming row and field.
+    Relative paths are relative to the prompts file's folder."""
+    where = f"prompt row {request.source or request.index}"
+    try:
+        task = row.get("task", GenerationTask.TEXT_TO_VIDEO.value)
+        try:
+            request.task = GenerationTask(task)
+        except ValueError:
+            raise ValueError(f"field 'task': unknown task {task!r}; valid: {[t.value for t in GenerationTask]}") from None
+        for name in ("image", "video", "video_end"):
+            if row.get(name) is not None:
+                path = Path(str(row[name])).expanduser()
+                setattr(request, name, path if path.is_absolute() else base_dir / path)
+        for name in TASK_INPUTS[request.task]:
+            if getattr(request, name) is None:
+                raise ValueError(f"field {name!r}: task {request.task.value} needs {name!r}")
+            if not getattr(request, name).is_file():
+                raise ValueError(f"field {name!r}: {getattr(request, name)} does not exist")
+        if "strength" in row:
+            request.strength = float(row["strength"])
+        if not 0.0 <= request.strength <= 1.0:
+            raise ValueError(f"field 'strength': must be in [0, 1], got {request.strength}")
+        if "context_frames" in row:
+            request.context_frames = int(row["context_frames"])
+        if request.context_frames < 1:
+            raise ValueError(f"field 'context_frames': must be >= 1, got {request.context_frames}")
+        if row.get("guidance") is not None:
+            request.guidance = float(row["guidance"])
+    except (TypeError, ValueError) as err:
+        request.error = f"{where}: {err}"
 
 
 def _read_prompt_file(path: Path) -> list[dict]:
@@ -86,9 +159,9 @@ def _read_prompt_file(path: Path) -> list[dict]:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict) or "caption" not in row:
                 raise ValueError(f"{path}:{line_no}: each row needs a 'caption' field")
-            rows.append(row)
+            rows.append({**row, "_source": f"{path.name}:{line_no}"})
         else:
-            rows.append({"caption": line.strip()})
+            rows.append({"caption": line.strip(), "_source": f"{path.name}:{line_no}"})
     return rows
 
 

@@ -6,10 +6,16 @@ The module only wires the five plugins together; each owns its part of the recip
 
 Generation reverses it: noise with the requested size -> Sampler.sample (with classifier-free guidance) ->
 Patcher.unpatchify -> Compressor.decode.
+
+With ``frame_conditioning`` set, training gives each sample clean latent frames drawn by a mask strategy
+(``framework.frame_conditioning``), and generation takes given frames (image-to-video, extension, interpolation)
+or a video to edit (SDEdit); prompt rows choose the task (``framework.generation_tasks``).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 from dataclasses import dataclass
 
@@ -20,9 +26,18 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from framework.data.prompts import PromptRequest
+from framework.frame_conditioning import (
+    FrameCondition,
+    FrameMaskProbabilities,
+    sample_training_masks,
+    token_mask,
+)
+from framework.generation_tasks import SDEdit, prepare_task
 from framework.guidance import guided_model_fn, unconditional_branch
-from framework.interfaces import Compressor, Conditioner, Denoiser, DenoiserIO, Patcher, Sampler
+from framework.interfaces import Compressor, Conditioner, Denoiser, DenoiserIO, ModelFn, Patcher, Sampler
 from framework.packing import PackedSequence
+
+log = logging.getLogger(__name__)
 
 PLUGIN_ARGUMENTS = ("compressor", "patcher", "denoiser", "conditioner", "sampler")
 
@@ -30,8 +45,29 @@ PLUGIN_ARGUMENTS = ("compressor", "patcher", "denoiser", "conditioner", "sampler
 @dataclass
 class GeneratedVideo:
     request: PromptRequest
-    video: Tensor  # [3, T, H, W] in [-1, 1], on CPU
+    video: Tensor | None  # [3, T, H, W] in [-1, 1], on CPU; None when the prompt failed
     fps: float
+    error: str | None = None  # why the prompt row could not be generated
+
+
+class PromptRowsFailed(RuntimeError):
+    """Some prompt rows could not be generated; the others were, and their outputs are kept."""
+
+
+class FrameConditionEmbedding(nn.Module):
+    """A learned vector added to the tokens of given (clean) frames, so the denoiser tells them from noisy ones."""
+
+    def __init__(self, token_dim: int) -> None:
+        super().__init__()
+        # Unit scale like the data: a clear marker from step 0 (the denoiser's input projection is linear, so
+        # this is a per-token embedding in its width).
+        self.marker = nn.Parameter(torch.randn(token_dim))  # [D]
+
+
+def with_given_tokens(model_fn: ModelFn, given: Tensor, clean: Tensor, marker: Tensor | None) -> ModelFn:
+    """Feed ``model_fn`` the ``clean`` tokens [N, D] (plus ``marker`` [D]) where ``given`` [N] is True."""
+    marked = clean if marker is None else clean + marker.to(clean.dtype)  # [N, D]
+    return lambda x, t: model_fn(x.with_tokens(torch.where(given[:, None], marked, x.tokens)), t)
 
 
 class VideoDiffusion(L.LightningModule):
@@ -54,10 +90,12 @@ class VideoDiffusion(L.LightningModule):
         guidance_scale: float = 4.0,
         guidance_rescale: float = 0.0,
         output_fps: float = 8.0,
+        frame_conditioning: FrameMaskProbabilities | None = None,
     ) -> None:
         """``cosine_decay`` anneals the learning rate to ``min_lr_ratio`` of its peak by the end of training
         (``trainer.max_steps``); ``ema_decay`` > 0 keeps an exponential moving average of the denoiser and
-        conditioner weights, which ``generate`` uses: averaged weights give cleaner samples than the last step's."""
+        conditioner weights, which ``generate`` uses: averaged weights give cleaner samples than the last step's.
+        ``frame_conditioning`` trains with given clean frames drawn by these mask strategies (docs/conditioning.md)."""
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"VideoDiffusion: learning_rate must be > 0, got {learning_rate}")
@@ -79,13 +117,12 @@ class VideoDiffusion(L.LightningModule):
         self.compressor, self.patcher, self.denoiser = compressor, patcher, denoiser
         self.conditioner, self.sampler = conditioner, sampler
         self.compressor.requires_grad_(False)
-        denoiser.bind(
-            DenoiserIO(
-                token_dim=patcher.token_dim(compressor.latent_channels),
-                context_dim=conditioner.context_dim,
-                pooled_dim=conditioner.pooled_dim,
-            )
-        )
+        token_dim = patcher.token_dim(compressor.latent_channels)
+        denoiser.bind(DenoiserIO(token_dim=token_dim, context_dim=conditioner.context_dim,
+                                 pooled_dim=conditioner.pooled_dim))
+        self.frame_conditioning = frame_conditioning
+        self.frame_embedding = FrameConditionEmbedding(token_dim) if frame_conditioning is not None else None
+        self._prediction_errors: list[str] = []
         self.ema = (
             AveragedModel(self.trained_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             .requires_grad_(False)
@@ -100,9 +137,22 @@ class VideoDiffusion(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         # A latent cache (``kinetoscope cache-latents``) serves pre-encoded latents; otherwise encode the pixels here.
-        clean = self.patcher.patchify(batch["latents"]) if "latents" in batch else self.encode(batch["videos"])
+        if "latents" in batch:
+            latents = list(batch["latents"])
+        else:
+            with torch.no_grad():
+                latents = self.compressor.encode_list(batch["videos"])  # list of [c, t, h, w]
+        clean = self.patcher.patchify(latents)
         cond = self.conditioner(batch["captions"])
-        per_sample = self.sampler.training_loss(lambda x, t: self.denoiser(x, t, cond), clean)  # [B]
+        model_fn: ModelFn = lambda x, t: self.denoiser(x, t, cond)  # noqa: E731
+        extra = {}
+        if self.frame_conditioning is not None:
+            masks = sample_training_masks(self.frame_conditioning, [latent.shape[1] for latent in latents])
+            given = token_mask(self.patcher, [tuple(latent.shape) for latent in latents], masks).to(self.device)
+            if given.any():  # given tokens enter clean and marked, and leave the loss
+                model_fn = with_given_tokens(model_fn, given, clean.tokens, self.frame_embedding.marker)
+                extra["loss_mask"] = ~given
+        per_sample = self.sampler.training_loss(model_fn, clean, **extra)  # [B]
         loss = per_sample.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
         return loss
@@ -113,13 +163,24 @@ class VideoDiffusion(L.LightningModule):
 
     def trained_modules(self) -> nn.ModuleDict:
         """The modules the optimizer trains and EMA averages (the compressor is frozen, the rest hold no weights)."""
-        return nn.ModuleDict({"denoiser": self.denoiser, "conditioner": self.conditioner})
+        modules = {"denoiser": self.denoiser, "conditioner": self.conditioner}
+        if self.frame_embedding is not None:
+            modules["frame_embedding"] = self.frame_embedding
+        return nn.ModuleDict(modules)
 
     def sampling_modules(self) -> tuple[Denoiser, Conditioner]:
         """The EMA copies when EMA is on, else the trained modules."""
         if self.ema is not None:
             return self.ema.module["denoiser"], self.ema.module["conditioner"]
         return self.denoiser, self.conditioner
+
+    def sampling_frame_marker(self) -> Tensor | None:
+        """The given-frame marker generation uses (EMA copy when EMA is on); None for a model trained without frame
+        conditioning, which then gets plain replacement (given tokens clean, unmarked)."""
+        if self.frame_embedding is None:
+            return None
+        module = self.ema.module["frame_embedding"] if self.ema is not None else self.frame_embedding
+        return module.marker
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -154,11 +215,15 @@ class VideoDiffusion(L.LightningModule):
         guidance_scale: float | None = None,
         guidance_rescale: float | None = None,
         negative_prompts: list[str] | None = None,
+        frame_conditions: list[FrameCondition | None] | None = None,
+        sdedits: list[SDEdit | None] | None = None,
     ) -> list[Tensor]:
         """Sample one video per caption at its (frames, height, width) -> list of [3, T, H, W] in [-1, 1] (CPU).
 
         Guidance steers away from the empty caption, or from ``negative_prompts`` where given (an empty string
-        there means the empty caption); ``guidance_rescale`` is Lin et al.'s (2023) rescale weight."""
+        there means the empty caption); ``guidance_rescale`` is Lin et al.'s (2023) rescale weight.
+        ``frame_conditions`` gives clean latent frames per sample, kept exactly in the output latent;
+        ``sdedits`` starts a sample from a noised latent (all in one call must share the strength)."""
         if not captions:
             raise ValueError("generate: the caption list is empty")
         if not len(captions) == len(sizes) == len(seeds):
@@ -180,26 +245,92 @@ class VideoDiffusion(L.LightningModule):
             generator = torch.Generator().manual_seed(seed)  # CPU noise: the same seed gives the same video anywhere
             noise_latents.append(torch.randn(self.compressor.latent_channels, *shape, generator=generator))
         noise = self.patcher.patchify([n.to(self.device) for n in noise_latents])
+        given, given_clean = self._given_tokens(frame_conditions, noise_latents)
+        start_kwargs = self._sdedit_start(sdedits, noise_latents)
         denoiser, conditioner = self.sampling_modules()
         was_training = self.training
         self.eval()  # no caption dropout or other training-only behaviour while sampling
         try:
-            cond = conditioner(captions)
-            null = unconditional_branch(conditioner, len(captions), negative_prompts) if scale != 1.0 else None
-            clean = self.sampler.sample(guided_model_fn(denoiser, cond, null, scale, rescale), noise, steps)
+            if start_kwargs.get("start_t") == 0.0:  # SDEdit at strength 0: the input itself
+                clean = start_kwargs["start"]
+            else:
+                cond = conditioner(captions)
+                null = unconditional_branch(conditioner, len(captions), negative_prompts) if scale != 1.0 else None
+                model_fn = guided_model_fn(denoiser, cond, null, scale, rescale)
+                if given is not None:
+                    model_fn = with_given_tokens(model_fn, given, given_clean, self.sampling_frame_marker())
+                clean = self.sampler.sample(model_fn, noise, steps, **start_kwargs)
+            if given is not None:  # given frames come out exactly as given
+                clean = clean.with_tokens(torch.where(given[:, None], given_clean, clean.tokens))
         finally:
             self.train(was_training)
         latents = self.patcher.unpatchify(clean)
         return [v.float().cpu() for v in self.compressor.decode_list(latents)]
 
+    def _given_tokens(
+        self, frame_conditions: list[FrameCondition | None] | None, noise_latents: list[Tensor]
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(given [N] bool, clean tokens [N, D]) for the frame conditions, or (None, None) without any."""
+        if frame_conditions is None or all(fc is None for fc in frame_conditions):
+            return None, None
+        if len(frame_conditions) != len(noise_latents):
+            raise ValueError(f"generate: got {len(frame_conditions)} frame conditions for {len(noise_latents)} samples")
+        latents, masks = [], []
+        for i, (fc, noise) in enumerate(zip(frame_conditions, noise_latents)):
+            if fc is not None and fc.latent.shape != noise.shape:
+                raise ValueError(f"generate: sample {i}'s frame condition latent is {tuple(fc.latent.shape)}, "
+                                 f"the video's latent is {tuple(noise.shape)}")
+            latents.append(fc.latent if fc is not None else torch.zeros_like(noise))
+            masks.append(fc.frame_mask if fc is not None else torch.zeros(noise.shape[1], dtype=torch.bool))
+        clean = self.patcher.patchify([latent.to(self.device, noise_latents[0].dtype) for latent in latents])
+        given = token_mask(self.patcher, [tuple(n.shape) for n in noise_latents], masks).to(self.device)
+        return given, clean.tokens
+
+    def _sdedit_start(self, sdedits: list[SDEdit | None] | None, noise_latents: list[Tensor]) -> dict:
+        """Keyword arguments that make the sampler start from the SDEdit inputs ({} without any)."""
+        if sdedits is None or all(s is None for s in sdedits):
+            return {}
+        if any(s is None for s in sdedits) or len({s.strength for s in sdedits}) != 1 or len(sdedits) != len(noise_latents):
+            raise ValueError("generate: SDEdit needs one edit per sample, all with the same strength")
+        for i, (edit, noise) in enumerate(zip(sdedits, noise_latents)):
+            if edit.latent.shape != noise.shape:
+                raise ValueError(f"generate: sample {i}'s SDEdit latent is {tuple(edit.latent.shape)}, "
+                                 f"the video's latent is {tuple(noise.shape)}")
+        if "start_t" not in inspect.signature(self.sampler.sample).parameters:
+            raise ValueError(f"SDEdit: sampler {type(self.sampler).__name__} cannot start from a partly noised input "
+                             f"(its sample() takes no start_t); use RectifiedFlow or RectifiedFlowHeun")
+        start = self.patcher.patchify([s.latent.to(self.device, noise_latents[0].dtype) for s in sdedits])
+        return {"start_t": float(sdedits[0].strength), "start": start}
+
     def predict_step(self, batch: list[PromptRequest], batch_idx: int) -> list[GeneratedVideo]:
-        videos = self.generate(
-            [r.caption for r in batch],
-            [(r.frames, r.height, r.width) for r in batch],
-            [r.seed for r in batch],
-            negative_prompts=[r.negative_prompt for r in batch],
-        )
-        return [GeneratedVideo(r, v, self.hparams.output_fps) for r, v in zip(batch, videos)]
+        """One prompt row at a time may fail (bad inputs); it is reported and the others still run."""
+        results = []
+        for r in batch:
+            try:
+                if r.error is not None:
+                    raise ValueError(r.error)
+                inputs = prepare_task(r, self.compressor)
+                (video,) = self.generate(
+                    [r.caption], [(r.frames, r.height, r.width)], [r.seed],
+                    guidance_scale=r.guidance, negative_prompts=[r.negative_prompt],
+                    frame_conditions=[inputs.frame_condition], sdedits=[inputs.sdedit],
+                )
+                results.append(GeneratedVideo(r, video, self.hparams.output_fps))
+            except ValueError as err:
+                log.error("prompt %s failed: %s", r.source or r.index, err)
+                self._prediction_errors.append(str(err))
+                results.append(GeneratedVideo(r, None, self.hparams.output_fps, error=str(err)))
+        return results
+
+    def on_predict_start(self) -> None:
+        self._prediction_errors = []
+
+    def on_predict_end(self) -> None:
+        if self._prediction_errors:
+            raise PromptRowsFailed(
+                f"{len(self._prediction_errors)} prompt row(s) failed (the other outputs are written):\n  "
+                + "\n  ".join(self._prediction_errors)
+            )
 
     def num_parameters(self) -> dict[str, int]:
         return {n: sum(p.numel() for p in getattr(self, n).parameters()) for n in PLUGIN_ARGUMENTS}

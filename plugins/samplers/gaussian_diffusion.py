@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from framework.frame_conditioning import masked_per_sample_mean
 from framework.interfaces import ModelFn, Sampler
 from framework.packing import PackedSequence
 
@@ -140,7 +141,14 @@ class GaussianDiffusion(Sampler):
         return self.clean_and_noise(prediction, x.tokens, *self.alpha_sigma(index))
 
     # ------------------------------------------------------------------------------------------------ training
-    def training_loss(self, model_fn: ModelFn, clean: PackedSequence, generator: torch.Generator | None = None) -> Tensor:
+    def training_loss(
+        self,
+        model_fn: ModelFn,
+        clean: PackedSequence,
+        generator: torch.Generator | None = None,
+        loss_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``loss_mask`` [N] bool limits the loss to those tokens (frame conditioning leaves given frames out)."""
         x0 = clean.tokens  # [N, D]
         device = x0.device
         index = torch.randint(0, self.num_train_timesteps, (clean.num_samples,), generator=generator, device=device)
@@ -151,7 +159,7 @@ class GaussianDiffusion(Sampler):
         x_t = alpha * x0 + sigma * noise  # [N, D]
         prediction = model_fn(clean.with_tokens(x_t), self.timestep(index).float()).tokens  # [N, D]
         per_token = (prediction.float() - self.target(x0, noise, alpha, sigma).float()).pow(2).mean(dim=1)  # [N]
-        return clean.per_sample_mean(per_token)  # [B]
+        return masked_per_sample_mean(clean, per_token, loss_mask)  # [B]
 
 
 def _parse(kind: type[enum.Enum], value: object, where: str) -> enum.Enum:

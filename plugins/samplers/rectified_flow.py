@@ -24,6 +24,7 @@ import enum
 import torch
 from torch import Tensor
 
+from framework.frame_conditioning import masked_per_sample_mean
 from framework.interfaces import ModelFn, Sampler, StepCallback
 from framework.packing import PackedSequence
 
@@ -80,7 +81,14 @@ class RectifiedFlow(Sampler):
             return torch.full_like(lengths, self.shift)
         return self.shift * (lengths / self.shift_reference_tokens).sqrt()
 
-    def training_loss(self, model_fn: ModelFn, clean: PackedSequence, generator: torch.Generator | None = None) -> Tensor:
+    def training_loss(
+        self,
+        model_fn: ModelFn,
+        clean: PackedSequence,
+        generator: torch.Generator | None = None,
+        loss_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``loss_mask`` [N] bool limits the loss to those tokens (frame conditioning leaves given frames out)."""
         x0 = clean.tokens  # [N, D]
         device = x0.device
         logits = torch.randn(clean.num_samples, generator=generator, device=device) * self.logit_std + self.logit_mean
@@ -95,22 +103,45 @@ class RectifiedFlow(Sampler):
             # (x_t - x0_hat) / t - (eps - x0) = (x0 - x0_hat) / t: the velocity error, with 1 / t capped at 1 / t_min
             error = (output - x0.float()) / t_tok.float().clamp_min(self.t_min)  # [N, D]
         per_token = error.pow(2).mean(dim=1)  # [N]
-        return clean.per_sample_mean(per_token)  # [B]
+        return masked_per_sample_mean(clean, per_token, loss_mask)  # [B]
 
-    def schedule(self, steps: int, packed: PackedSequence) -> Tensor:
-        """Time grid [steps + 1, B] from 1 to 0, shifted per sample."""
+    def schedule(self, steps: int, packed: PackedSequence, start_t: float = 1.0) -> Tensor:
+        """Time grid [steps + 1, B] from ``start_t`` (a noise level, after the shift) to 0, shifted per sample."""
         if steps < 1:
             raise ValueError(f"RectifiedFlow: steps must be >= 1, got {steps}")
+        if not 0.0 < start_t <= 1.0:
+            raise ValueError(f"RectifiedFlow: start_t must be in (0, 1], got {start_t}")
+        shift = self.sample_shift(packed)[None]  # [1, B]
+        # Unshifted start u with shift_time(u) = start_t (the inverse of s u / (1 + (s - 1) u)), so the grid stays
+        # the usual shifted one, only truncated.
         grid = torch.linspace(1.0, 0.0, steps + 1, device=packed.tokens.device)[:, None]  # [S + 1, 1]
-        return shift_time(grid, self.sample_shift(packed)[None])  # [S + 1, B]
+        if start_t < 1.0:
+            grid = grid * (start_t / (shift - (shift - 1) * start_t))  # [S + 1, B]
+        return shift_time(grid, shift)  # [S + 1, B]
+
+    def start_point(self, noise: PackedSequence, start_t: float, start: PackedSequence | None) -> PackedSequence:
+        """Where sampling begins: pure noise at ``start_t = 1``, else ``start`` noised to ``start_t`` (SDEdit,
+        Meng et al. 2022: ``x_t = (1 - t) x_0 + t eps`` with this sampler's own forward process)."""
+        if start_t == 1.0:
+            return noise
+        if start is None:
+            raise ValueError(f"RectifiedFlow: start_t={start_t} < 1 needs the clean ``start`` to noise")
+        return noise.with_tokens((1 - start_t) * start.tokens + start_t * noise.tokens)
 
     @torch.no_grad()
     def sample(
-        self, model_fn: ModelFn, noise: PackedSequence, steps: int, callback: StepCallback | None = None
+        self,
+        model_fn: ModelFn,
+        noise: PackedSequence,
+        steps: int,
+        callback: StepCallback | None = None,
+        start_t: float = 1.0,
+        start: PackedSequence | None = None,
     ) -> PackedSequence:
-        """Euler integration of the learned ODE (first order; one model call per step)."""
-        times = self.schedule(steps, noise)  # [S + 1, B]
-        x = noise
+        """Euler integration of the learned ODE (first order; one model call per step). With ``start_t`` < 1 it
+        integrates from ``start`` noised to ``start_t`` instead of from pure noise (SDEdit), in ``steps`` steps."""
+        times = self.schedule(steps, noise, start_t)  # [S + 1, B]
+        x = self.start_point(noise, start_t, start)
         for i in range(steps):
             t, t_next = times[i], times[i + 1]  # [B]
             t_tok = x.per_token(t)[:, None].to(x.tokens.dtype)  # [N, 1]

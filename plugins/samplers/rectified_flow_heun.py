@@ -26,10 +26,17 @@ class RectifiedFlowHeun(RectifiedFlow):
 
     @torch.no_grad()
     def sample(
-        self, model_fn: ModelFn, noise: PackedSequence, steps: int, callback: StepCallback | None = None
+        self,
+        model_fn: ModelFn,
+        noise: PackedSequence,
+        steps: int,
+        callback: StepCallback | None = None,
+        start_t: float = 1.0,
+        start: PackedSequence | None = None,
     ) -> PackedSequence:
-        times = self.schedule(steps, noise)  # [S + 1, B]
-        x = noise
+        """``start_t`` < 1 starts from ``start`` noised to that level (SDEdit), as in ``RectifiedFlow.sample``."""
+        times = self.schedule(steps, noise, start_t)  # [S + 1, B]
+        x = self.start_point(noise, start_t, start)
         for i in range(steps):
             t, t_next = times[i], times[i + 1]  # [B]
             t_tok, t_next_tok = (x.per_token(a)[:, None].to(x.tokens.dtype) for a in (t, t_next))  # each [N, 1]

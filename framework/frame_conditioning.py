@@ -1,0 +1,137 @@
+"""Frame conditioning: clean latent frames given to the denoiser, for image-to-video, extension and interpolation.
+
+A ``FrameCondition`` holds, per sample, a clean latent and a per-latent-frame mask (True = given). The denoiser
+sees the clean tokens of given frames in place of the noisy ones ("replacement" conditioning, as in Ho et al.,
+"Video Diffusion Models", 2022, Sec. 3.1, and the masked frames of Open-Sora 1.2 / Movie Gen's I2V), marked by a
+learned per-token embedding added to those tokens so the model can tell given content from content to denoise
+(the per-sample timestep stays the noise level of the rest). Given tokens are left out of the training loss, and
+during sampling they are put back after every step and at the end, so given frames come out exactly as given
+(in latent space; in pixel space as far as the compressor reconstructs them).
+
+Training draws a mask per sample from ``FrameMaskStrategy`` with ``FrameMaskProbabilities``: no frames (plain
+text-to-video, which keeps the model usable without context), the first frame (image-to-video), the first or last
+k (extension forwards / backwards), first and last (interpolation) or a random contiguous span. Masks never cover
+every latent frame, so each sample keeps something to learn.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from framework.interfaces import Patcher
+from framework.packing import PackedSequence
+
+
+class FrameMaskStrategy(str, enum.Enum):
+    """Which latent frames a training sample is given clean."""
+
+    NONE = "none"  # text-to-video
+    FIRST_FRAME = "first_frame"  # image-to-video
+    FIRST_K = "first_k"  # extend forward
+    LAST_K = "last_k"  # extend backward
+    FIRST_AND_LAST = "first_and_last"  # interpolate / connect (k frames at each end)
+    RANDOM_SPAN = "random_span"  # a contiguous span anywhere
+
+
+@dataclass
+class FrameMaskProbabilities:
+    """Relative weights of the training mask strategies (normalised; they need not sum to 1). ``max_k`` caps the
+    number of given latent frames per end for FIRST_K / LAST_K / FIRST_AND_LAST and the span length."""
+
+    none: float = 0.4
+    first_frame: float = 0.2
+    first_k: float = 0.1
+    last_k: float = 0.1
+    first_and_last: float = 0.1
+    random_span: float = 0.1
+    max_k: int = 2
+
+    def __post_init__(self) -> None:
+        weights = self.weights()
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"FrameMaskProbabilities: weights must be >= 0 with a positive sum, got {weights.tolist()}")
+        if self.max_k < 1:
+            raise ValueError(f"FrameMaskProbabilities: max_k must be >= 1, got {self.max_k}")
+
+    def weights(self) -> Tensor:
+        """[len(FrameMaskStrategy)] in the enum's order."""
+        return torch.tensor([float(getattr(self, s.name.lower())) for s in FrameMaskStrategy])
+
+
+def strategy_mask(strategy: FrameMaskStrategy, frames: int, max_k: int, generator: torch.Generator | None = None) -> Tensor:
+    """A frame mask [frames] bool for one strategy; never covers every frame (a 1-frame latent gets none)."""
+    mask = torch.zeros(frames, dtype=torch.bool)
+    if frames < 2 or strategy is FrameMaskStrategy.NONE:
+        return mask
+    randint = lambda high: int(torch.randint(1, high + 1, (1,), generator=generator))  # noqa: E731, uniform 1..high
+    if strategy is FrameMaskStrategy.FIRST_FRAME:
+        mask[0] = True
+    elif strategy is FrameMaskStrategy.FIRST_K:
+        mask[: randint(min(max_k, frames - 1))] = True
+    elif strategy is FrameMaskStrategy.LAST_K:
+        mask[frames - randint(min(max_k, frames - 1)):] = True
+    elif strategy is FrameMaskStrategy.FIRST_AND_LAST:
+        k = randint(max(1, min(max_k, (frames - 1) // 2)))
+        mask[:k] = True
+        mask[frames - k:] = True
+        if mask.all():  # 2 frames: keep one free
+            mask[-1] = False
+    else:  # RANDOM_SPAN
+        length = randint(min(max_k, frames - 1))
+        start = int(torch.randint(0, frames - length + 1, (1,), generator=generator))
+        mask[start: start + length] = True
+    return mask
+
+
+def sample_training_masks(
+    probabilities: FrameMaskProbabilities, latent_frames: list[int], generator: torch.Generator | None = None
+) -> list[Tensor]:
+    """One frame mask [t_i] bool per sample, each with a strategy drawn from ``probabilities``."""
+    weights = probabilities.weights()
+    strategies = list(FrameMaskStrategy)
+    picks = torch.multinomial(weights / weights.sum(), len(latent_frames), replacement=True, generator=generator)
+    return [strategy_mask(strategies[int(p)], t, probabilities.max_k, generator) for p, t in zip(picks, latent_frames)]
+
+
+@dataclass
+class FrameCondition:
+    """Clean latent frames given for one sample: ``latent`` [c, t, h, w] (values where ``frame_mask`` is False are
+    ignored) and ``frame_mask`` [t] bool, True for given latent frames."""
+
+    latent: Tensor
+    frame_mask: Tensor
+
+    def __post_init__(self) -> None:
+        if self.frame_mask.dim() != 1 or self.frame_mask.shape[0] != self.latent.shape[1]:
+            raise ValueError(
+                f"FrameCondition: frame_mask {tuple(self.frame_mask.shape)} must be [t] for a latent "
+                f"{tuple(self.latent.shape)} [c, t, h, w]"
+            )
+
+
+def token_mask(patcher: Patcher, latent_shapes: list[tuple[int, ...]], frame_masks: list[Tensor]) -> Tensor:
+    """Per-token mask [N] bool, True where every latent frame a token covers is given, laid out as ``patcher``
+    packs latents of ``latent_shapes`` ([c, t, h, w] each): the frame masks are patchified like the latents."""
+    grids = []
+    for shape, mask in zip(latent_shapes, frame_masks):
+        _, t, h, w = shape
+        grids.append(mask.float().to(torch.float32)[None, :, None, None].expand(1, t, h, w))  # [1, t, h, w]
+    packed = patcher.patchify(grids)  # tokens [N, pt * ph * pw]
+    return packed.tokens.min(dim=1).values > 0.5  # [N]
+
+
+def masked_per_sample_mean(layout: PackedSequence, values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of per-token ``values`` [N] over the tokens where ``mask`` [N] is True, per sample -> [B] (0 for a
+    sample without such tokens); ``mask`` None means all tokens."""
+    if mask is None:
+        return layout.per_sample_mean(values)
+    weights = mask.to(values.dtype)  # [N]
+    sums = torch.zeros(layout.num_samples, dtype=values.dtype, device=values.device)
+    counts = torch.zeros_like(sums)
+    sums.index_add_(0, layout.sample_index, values * weights)
+    counts.index_add_(0, layout.sample_index, weights)
+    return sums / counts.clamp_min(1.0)  # [B]
