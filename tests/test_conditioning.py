@@ -198,3 +198,30 @@ def test_bad_rows_are_named_by_row_and_field_and_the_others_run(media):
     with pytest.raises(RuntimeError, match="4 prompt row"):
         model.on_predict_end()
     assert load_prompt_requests(Prompts(file=media / "prompts.jsonl"))[5].task is GenerationTask.IMAGE_TO_VIDEO
+
+
+def test_predict_cli_writes_good_rows_records_bad_ones_and_fails(media, monkeypatch):
+    """``kinetoscope predict`` with a prompts file: outputs of good rows are kept, each bad row is in the index
+    with its error, and the command fails at the end naming the bad rows."""
+    import sys
+
+    from framework.cli import cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart_frames.yaml"
+    monkeypatch.setattr(sys, "argv", ["kinetoscope"])
+    monkeypatch.chdir(media)
+    (media / "prompts.jsonl").write_text(
+        json.dumps({"caption": "a red square", "task": "extend_forward", "video": "red.mp4", "context_frames": 2}) + "\n"
+        + json.dumps({"caption": "bad", "task": "sdedit", "video": "red.mp4", "strength": -0.1}) + "\n"
+    )
+    out_dir = media / "out"
+    with pytest.raises(RuntimeError, match=r"prompts.jsonl:2.*'strength'"):
+        cli_main(["predict", "-c", str(config), "--data.init_args.prompts.file=prompts.jsonl",
+                  "--data.init_args.prompts.captions=[]",
+                  "--data.init_args.prompts.frames=4", "--model.init_args.sampling_steps=2", "--trainer.logger=false",
+                  f"--trainer.callbacks.output_dir={out_dir}", "--trainer.enable_progress_bar=false",
+                  "--trainer.enable_model_summary=false"])
+    rows = [json.loads(line) for line in (out_dir / "index.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "error" not in rows[0] and "'strength'" in rows[1]["error"]
+    video, _ = read_video(out_dir / next(f for f in rows[0]["files"] if f.endswith(".mp4")))
+    assert video.shape[1] == 4
