@@ -218,6 +218,7 @@ class _EpochBatchSampler(Sampler[list[int]]):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.rank, self.world_size = distributed_rank_and_size(rank, world_size)
         self.epoch = 0
+        self.skip_batches = 0  # set by ResumableDataLoader on a mid-epoch resume; used once, by the next __iter__
         self.sampler = _EpochForwarder(self)
 
     def set_epoch(self, epoch: int) -> None:
@@ -234,7 +235,8 @@ class _EpochBatchSampler(Sampler[list[int]]):
         return shard_batches(self.global_batches(), self.rank, self.world_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        skip, self.skip_batches = self.skip_batches, 0
+        return iter(self.batches()[skip:])
 
     def __len__(self) -> int:
         return len(self.batches())

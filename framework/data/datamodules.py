@@ -26,6 +26,7 @@ from framework.data.manifest import (
     read_manifest,
 )
 from framework.data.prompts import PromptDataset, Prompts, collate_prompts, load_prompt_requests
+from framework.data.resumable import ResumableDataLoader
 from framework.data.synthetic import SyntheticMovingShapes
 
 
@@ -93,7 +94,7 @@ class SyntheticVideoDataModule(GenerationDataModule):
         return TokenBudgetBatchSampler(tokens, self.tokens_per_batch, seed=self.seed, max_batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return ResumableDataLoader(  # its mid-epoch position is saved in checkpoints (exact resume)
             self.dataset,
             batch_sampler=self.batch_sampler(),
             collate_fn=collate_videos,
@@ -187,7 +188,7 @@ class ManifestVideoDataModule(GenerationDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return ResumableDataLoader(  # its mid-epoch position is saved in checkpoints (exact resume)
             self.dataset,
             batch_sampler=self.batch_sampler(),
             collate_fn=collate_manifest,
