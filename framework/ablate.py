@@ -12,7 +12,8 @@ few generated clips. Layout of the output folder::
     <output>/runs/<combination>__seed<k>/done.json      written atomically when the run finished: its results
     <output>/results.csv  results.md  loss_curves.png  metric_bars.png
 
-A run whose ``done.json`` exists is skipped, so an interrupted ablation restarts where it stopped.
+A run whose ``done.json`` exists is skipped, so an interrupted ablation restarts where it stopped (a run that has a
+folder but no ``done.json`` was interrupted and is trained again from scratch).
 
 Overlays and ``class_path``: when an overlay changes a node's ``class_path`` (e.g. ``DDIM`` for ``RectifiedFlow``),
 an overlay that gives ``init_args`` replaces the node's arguments; one that gives only ``class_path`` keeps the
@@ -31,6 +32,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -132,11 +134,35 @@ def load_yaml(path: Path) -> dict:
 
 
 def compose(base: dict, overlays: list[Path]) -> dict:
-    """The base config with each overlay merged on in order."""
+    """The base config with each overlay merged on in order; every ``init_args`` key checked against its class."""
     config = copy.deepcopy(base)
     for path in overlays:
         config = merge_overlay(config, load_yaml(path), path)
+    check_init_args(config, overlays)
     return config
+
+
+def check_init_args(node: object, overlays: list[Path], where: str = "") -> None:
+    """Raise ``OverlayError`` for an ``init_args`` key its ``class_path`` does not accept (a typo in an overlay
+    would otherwise only fail once that run's subprocess parses it, after other runs have trained)."""
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            check_init_args(item, overlays, f"{where}[{index}]")
+        return
+    if not isinstance(node, dict):
+        return
+    if isinstance(node.get("class_path"), str) and isinstance(node.get("init_args"), dict):
+        cls = resolve_class(node["class_path"])
+        accepted = accepted_init_args(cls)
+        unknown = sorted(k for k in node["init_args"] if accepted is not None and k not in accepted)
+        if unknown:
+            sources = ", ".join(str(p) for p in overlays) or "the base config"
+            raise OverlayError(
+                f"{where or '<root>'}: init_args {unknown} are not arguments of {node['class_path']} (it takes: "
+                f"{', '.join(sorted(accepted or ()))}); composed from the base config and {sources}"
+            )
+    for key, value in node.items():
+        check_init_args(value, overlays, f"{where}.{key}".lstrip("."))
 
 
 def redirect_outputs(config: dict, run_dir: Path, seed: int) -> dict:
@@ -216,7 +242,9 @@ def run_ablation(settings: AblationSettings, log=print) -> list[dict]:
             log(f"[{index}/{len(runs)}] {run.name}: done, skipped")
         else:
             log(f"[{index}/{len(runs)}] {run.name}: training")
-            run_dir.mkdir(parents=True, exist_ok=True)
+            if run_dir.exists():  # an interrupted run: start it over, so no stale log rows mix into its curve
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
             config_path = run_dir / "config.yaml"
             config_path.write_text(yaml.safe_dump(redirect_outputs(configs[run.name], run_dir, run.seed), sort_keys=False))
             started = time.perf_counter()

@@ -94,6 +94,12 @@ def test_changing_class_path_keeps_no_incompatible_init_args(tmp_path) -> None:
     with pytest.raises(OverlayError, match=r"ddim_typo\.yaml.*\['etta'\]"):
         compose(base, [misspelt])
 
+    # a misspelt key under an unchanged class_path is caught while composing too, before any run trains
+    typo = tmp_path / "patch_typo.yaml"
+    typo.write_text("model:\n  init_args:\n    patcher:\n      init_args: {patch_hh: 2}\n")
+    with pytest.raises(OverlayError, match=r"model\.init_args\.patcher.*\['patch_hh'\].*patch_typo\.yaml"):
+        compose(base, [typo])
+
     # compatible arguments carry over when only class_path changes; given init_args replace the base's
     heun = tmp_path / "heun.yaml"
     heun.write_text("model:\n  init_args:\n    sampler:\n      class_path: RectifiedFlowHeun\n")
@@ -168,3 +174,13 @@ def test_ablation_writes_report_and_resumes(tmp_path) -> None:
     assert all("skipped" in line for line in logged), logged
     assert {p: p.stat().st_mtime_ns for p in markers} == markers
     assert json.loads(next(iter(markers)).read_text())["steps"] == 4
+
+    # an interrupted run (folder without done.json) is trained again from scratch; the others are not
+    interrupted = output / "runs" / "sampler-ddim__seed1"
+    (interrupted / DONE_MARKER).unlink()
+    (interrupted / "logs" / "version_0" / "metrics.csv").write_text("step,train/loss\n999,123.0\n")
+    logged.clear()
+    resumed = run_ablation(settings, log=logged.append)
+    assert [line for line in logged if "training" in line] == ["[2/4] sampler-ddim__seed1: training"]
+    without_time = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert without_time(resumed) == without_time(results)  # same seed, same config: the same numbers again
