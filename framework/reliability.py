@@ -126,7 +126,7 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class NonFiniteEvent:
-    step: int
+    step: int  # the n-th optimizer step (1-based: ``global_step`` once the step is done)
     what: str  # "loss" or "gradient of <parameter names>"
     ids: list[str] = field(default_factory=list)
 
