@@ -14,6 +14,7 @@ from typing import Callable
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from framework.ablate import ablate_command
+from framework.captioning import recaption_command
 from framework.data.latent_cache import cache_latents_command
 from framework.data.scan import scan_command
 from framework.metrics.evaluation import evaluate_command
@@ -79,6 +80,7 @@ TOOL_COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "evaluate": evaluate_command,
     "cache-latents": cache_latents_command,
     "ablate": ablate_command,
+    "recaption": recaption_command,
 }
 
 

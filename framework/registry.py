@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 
+from framework.captioning import Captioner
 from framework.interfaces import Compressor, Conditioner, Denoiser, Patcher, Sampler
 
 ENTRY_POINT_GROUP = "kinetoscope.plugins"
@@ -27,6 +28,7 @@ PLUGIN_KINDS: dict[str, type] = {
     "denoiser": Denoiser,
     "conditioner": Conditioner,
     "sampler": Sampler,
+    "captioner": Captioner,  # re-captioning tools (kinetoscope recaption), not part of a diffusion model
 }
 
 
