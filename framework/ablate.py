@@ -47,7 +47,8 @@ RESULTS_MARKDOWN = "results.md"
 LOSS_CURVES_PNG = "loss_curves.png"
 METRIC_BARS_PNG = "metric_bars.png"
 DONE_MARKER = "done.json"
-METRICS = ("final_train_loss", "final_val_loss", "probe_both_ok", "probe_colour_ok", "probe_direction_ok")
+METRICS = ("final_train_loss", "train_loss_last_quarter", "final_val_loss", "probe_both_ok", "probe_colour_ok",
+           "probe_direction_ok")
 
 
 class OverlayError(ValueError):
@@ -326,6 +327,10 @@ def run_one(run_dir: Path, probe_clips: int, extra_args: list[str]) -> None:
         "final_train_loss": last_logged(run_dir, "train/loss"),
         "final_val_loss": last_logged(run_dir, "val/loss"),
     }
+    _, losses = read_loss_curve(run_dir)
+    if losses:  # one batch's loss is noisy: the mean over the last quarter of the logged points is steadier
+        tail = losses[-max(1, len(losses) // 4):]
+        result["train_loss_last_quarter"] = sum(tail) / len(tail)
     if result["final_train_loss"] is None and "train/loss" in cli.trainer.callback_metrics:
         result["final_train_loss"] = float(cli.trainer.callback_metrics["train/loss"])
     prompts = getattr(cli.datamodule, "prompts", None)

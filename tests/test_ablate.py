@@ -152,6 +152,7 @@ def test_ablation_writes_report_and_resumes(tmp_path) -> None:
         losses = [r["train/loss"] for r in csv.DictReader(open(run_dir / "logs" / "version_0" / "metrics.csv"))
                   if r["train/loss"]]
         assert float(row["final_train_loss"]) == pytest.approx(float(losses[-1]))
+        assert float(row["train_loss_last_quarter"]) == pytest.approx(float(losses[-1]))  # 4 points: the last one
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed_everything"] == int(row["seed"])
     # different seeds train differently
     by_sampler = {}
