@@ -35,6 +35,7 @@ NON_PLUGIN_CLASSES = [
     ("data", "framework.data.latent_cache.CachedLatentDataModule"),
 ]
 KIND_KEYS = {kind: f"model.init_args.{kind}" for kind in PLUGIN_KINDS}
+KIND_KEYS["captioner"] = "kinetoscope recaption --captioner NAME"  # a tool's plugin, not part of the model
 
 
 def yaml_default(value: object) -> str:
