@@ -210,6 +210,9 @@ def axis_overlays(axis_dir: Path) -> list[Path]:
 
 def plan_runs(axes: list[Path], seeds: list[int]) -> list[RunSpec]:
     """The cartesian product of the axes' overlays, once per seed."""
+    names = [Path(axis).name for axis in axes]
+    if len(set(names)) != len(names):
+        raise OverlayError(f"axis folders must have distinct names, got {', '.join(map(str, axes))}")
     per_axis = [[(Path(axis).name, overlay) for overlay in axis_overlays(axis)] for axis in axes]
     runs = []
     for choice in itertools.product(*per_axis):
