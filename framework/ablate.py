@@ -10,7 +10,7 @@ few generated clips. Layout of the output folder::
     <output>/runs/<combination>__seed<k>/config.yaml    the composed config the run trained
     <output>/runs/<combination>__seed<k>/fit.log        the subprocess's stdout and stderr
     <output>/runs/<combination>__seed<k>/done.json      written atomically when the run finished: its results
-    <output>/results.csv  results.md  loss_curves.png  metric_bars.png
+    <output>/results.csv  results.json  results.md  loss_curves.png  metric_bars.png
 
 A run whose ``done.json`` exists is skipped, so an interrupted ablation restarts where it stopped (a run that has a
 folder but no ``done.json`` was interrupted and is trained again from scratch).
@@ -44,6 +44,7 @@ import yaml
 
 RESULTS_CSV = "results.csv"
 RESULTS_MARKDOWN = "results.md"
+RESULTS_JSON = "results.json"
 LOSS_CURVES_PNG = "loss_curves.png"
 METRIC_BARS_PNG = "metric_bars.png"
 DONE_MARKER = "done.json"
@@ -364,6 +365,8 @@ def write_report(output: Path, runs: list[RunSpec], results: list[dict]) -> None
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
+
+    (output / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
 
     groups: dict[str, list[dict]] = {}
     for row in results:

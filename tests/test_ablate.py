@@ -160,6 +160,7 @@ def test_ablation_writes_report_and_resumes(tmp_path) -> None:
         by_sampler.setdefault(row["sampler"], set()).add(row["final_train_loss"])
     assert all(len(v) == 2 for v in by_sampler.values())
 
+    assert json.loads((output / "results.json").read_text()) == results
     table = (output / "results.md").read_text()
     assert "| sampler=ddim | 2 |" in table and "| sampler=rectified_flow | 2 |" in table
     assert "±" in table
