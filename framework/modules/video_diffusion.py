@@ -149,9 +149,10 @@ class VideoDiffusion(L.LightningModule):
         if self.frame_conditioning is not None:
             masks = sample_training_masks(self.frame_conditioning, [latent.shape[1] for latent in latents])
             given = token_mask(self.patcher, [tuple(latent.shape) for latent in latents], masks).to(self.device)
-            if given.any():  # given tokens enter clean and marked, and leave the loss
-                model_fn = with_given_tokens(model_fn, given, clean.tokens, self.frame_embedding.marker)
-                extra["loss_mask"] = ~given
+            # Given tokens enter clean and marked, and leave the loss. Also when none is given, so the marker is in
+            # every step's graph (DDP requires each parameter to take part in every step).
+            model_fn = with_given_tokens(model_fn, given, clean.tokens, self.frame_embedding.marker)
+            extra["loss_mask"] = ~given
         per_sample = self.sampler.training_loss(model_fn, clean, **extra)  # [B]
         loss = per_sample.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
