@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from framework.ablate import ablate_command
 from framework.captioning import recaption_command
+from framework.config_errors import check_config_files, summarize_config_error, without_dumps
 from framework.data.latent_cache import cache_latents_command
 from framework.data.scan import scan_command
 from framework.metrics.evaluation import evaluate_command
@@ -26,7 +27,8 @@ class KinetoscopeArgumentParser(LightningArgumentParser):
     """Adds the valid plugin names to errors about a ``class_path`` that does not resolve."""
 
     def error(self, message: str, ex: Exception | None = None):
-        hint = explain_unknown_class(message)
+        hint = explain_unknown_class(without_dumps(message))
+        message = summarize_config_error(message)
         super().error(f"{message}\n{hint}" if hint else message, ex)
 
 
@@ -59,6 +61,7 @@ def explain_unknown_class(message: str) -> str | None:
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> KinetoscopeCLI:
+    check_config_files(sys.argv[1:] if args is None else args)  # YAML syntax errors name the file and line
     default_registry()  # import every installed plugin so class names resolve
     return KinetoscopeCLI(
         args=args,
