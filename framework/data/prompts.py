@@ -15,6 +15,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from framework.data.prompt_extension import PromptExtension
+
 
 @dataclass
 class Prompts:
@@ -31,6 +33,7 @@ class Prompts:
     seed: int = 0
     samples_per_prompt: int = 1
     negative_prompt: str = ""
+    extension: PromptExtension | None = None  # rewrite short prompts into descriptive captions before generating
 
 
 class GenerationTask(str, enum.Enum):
@@ -105,6 +108,9 @@ def load_prompt_requests(prompts: Prompts) -> list[PromptRequest]:
                 )
             )
             _apply_task_fields(requests[-1], row, base_dir=Path(prompts.file).parent if prompts.file else Path("."))
+    if prompts.extension is not None:
+        for r, caption in zip(requests, prompts.extension.extend([r.caption for r in requests])):
+            r.caption = caption
     for r in requests:
         for name in ("frames", "height", "width"):
             if getattr(r, name) < 1:
