@@ -150,7 +150,9 @@ class ManifestVideoDataModule(GenerationDataModule):
     def dataset(self) -> ManifestVideoDataset:
         """Built on first use (probing files without metadata), not when a config is parsed."""
         if self._dataset is None:
-            self._dataset = ManifestVideoDataset(read_manifest(self.manifest), self.grid, self.clip)
+            bad_rows = SkippedSamples()  # rows that cannot be parsed are skipped and reported like bad files
+            self._dataset = ManifestVideoDataset(read_manifest(self.manifest, bad_rows), self.grid, self.clip)
+            self._dataset.skipped.entries.update(bad_rows.entries)
             if not len(self._dataset):
                 raise ValueError(f"manifest {self.manifest}: no usable samples\n"
                                  + self._dataset.skipped.report("left out"))

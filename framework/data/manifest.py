@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import enum
+import io
 import json
 import logging
 import math
@@ -115,33 +116,66 @@ class ManifestRow:
 _NUMERIC_COLUMNS = {"fps": float, "frames": int, "num_frames": int, "width": int, "height": int}
 
 
-def read_manifest(manifest: str | Path) -> list[ManifestRow]:
-    """Rows of a ``.csv`` or ``.jsonl`` manifest; errors name the file, the line and the column at fault."""
+def read_manifest(manifest: str | Path, bad_rows: SkippedSamples | None = None) -> list[ManifestRow]:
+    """Rows of a ``.csv`` or ``.jsonl`` manifest; errors name the file, the line and the column at fault.
+
+    A problem with the whole file (wrong suffix, missing, no ``path`` / ``caption`` column in a CSV header) always
+    raises. A problem with one row (invalid JSON, missing ``path`` or caption, a value that is not a number, text
+    that is not UTF-8) raises too, unless ``bad_rows`` is given: then the row is recorded there -- under its file
+    path when it has one, else as ``<manifest>, line N`` -- and the other rows are returned (how
+    ``ManifestVideoDataModule`` reads, so one bad row never stops a run).
+    """
     manifest = Path(manifest)
     if manifest.suffix.lower() not in MANIFEST_SUFFIXES:
         raise ValueError(f"manifest {manifest}: expected a {' or '.join(MANIFEST_SUFFIXES)} file")
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
+    # undecodable bytes become lone surrogates, so one bad row is found (and named) on its own line
+    text = manifest.read_bytes().decode("utf-8", errors="surrogateescape")
+    rows: list[ManifestRow] = []
+
+    def parse(line: int, record: object) -> None:
+        try:
+            if not isinstance(record, dict):
+                raise ValueError(f"manifest {manifest}, line {line}: expected a JSON object, got "
+                                 f"{type(record).__name__}")
+            if manifest.suffix.lower() == ".jsonl":
+                _check_columns(manifest, list(record), f"line {line}")
+            rows.append(_parse_row(manifest, line, record))
+        except ValueError as err:
+            if bad_rows is None:
+                raise
+            name = record.get("path") if isinstance(record, dict) else None
+            label = (manifest.parent / name.strip()).resolve() if isinstance(name, str) and name.strip() \
+                and not _undecodable(name) else f"{manifest}, line {line}"
+            bad_rows.add(label, str(err))
+
     if manifest.suffix.lower() == ".csv":
-        with manifest.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            _check_columns(manifest, columns, "header")
-            records = [(line, row) for line, row in enumerate(reader, start=2)]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        _check_columns(manifest, reader.fieldnames or [], "header")
+        try:
+            for line, row in enumerate(reader, start=2):
+                parse(line, row)
+        except csv.Error as err:
+            raise ValueError(f"manifest {manifest}: not a readable CSV file ({err})") from None
     else:
-        records = []
-        for line, text in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-            if not text.strip():
+        for line, record_text in enumerate(text.splitlines(), start=1):
+            if not record_text.strip():
                 continue
             try:
-                row = json.loads(text)
+                record = json.loads(record_text)
             except json.JSONDecodeError as err:
-                raise ValueError(f"manifest {manifest}, line {line}: not valid JSON ({err})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"manifest {manifest}, line {line}: expected a JSON object, got {type(row).__name__}")
-            _check_columns(manifest, list(row), f"line {line}")
-            records.append((line, row))
-    return [_parse_row(manifest, line, row) for line, row in records]
+                if bad_rows is None:
+                    raise ValueError(f"manifest {manifest}, line {line}: not valid JSON ({err})") from None
+                bad_rows.add(f"{manifest}, line {line}", f"not valid JSON ({err})")
+                continue
+            parse(line, record)
+    return rows
+
+
+def _undecodable(text: str) -> bool:
+    """Whether ``text`` holds bytes that were not UTF-8 (decoded with ``errors="surrogateescape"``)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _check_columns(manifest: Path, columns: list[str], where: str) -> None:
@@ -154,6 +188,10 @@ def _check_columns(manifest: Path, columns: list[str], where: str) -> None:
 
 def _parse_row(manifest: Path, line: int, row: dict) -> ManifestRow:
     where = f"manifest {manifest}, line {line}"
+    for column, value in row.items():
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(t, str) and _undecodable(t) for t in [column, *texts]):
+            raise ValueError(f"{where}: column {column!r} is not UTF-8 text")
     name = str(row.get("path") or "").strip()
     if not name:
         raise ValueError(f"{where}: empty 'path'")
@@ -176,7 +214,7 @@ def _parse_row(manifest: Path, line: int, row: dict) -> ManifestRow:
             continue
         try:
             values[column] = kind(float(raw)) if kind is int else kind(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{where}: column {column!r} must be a number, got {raw!r}") from None
     path = Path(name)
     return ManifestRow(
