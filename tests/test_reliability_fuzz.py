@@ -20,7 +20,6 @@ from reliability.bad_data import FILE_FAULTS, ROW_FAULTS, Fault, row_fault_possi
     write_manifest  # noqa: E402
 
 GOOD = ("good0.mp4", "good1.mp4", "good0.png")
-TRIED = {"manifests": 0, "bad_rows": 0}  # read by benchmarks/reliability.py
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +82,7 @@ def check_manifest(media: dict[str, Path], suffix: str, bad: list[Fault], good_a
 @given(suffix=st.sampled_from([".csv", ".jsonl"]), bad=st.lists(faults, min_size=1, max_size=6),
        good_at=st.lists(st.integers(0, 6), min_size=3, max_size=3))
 def test_bad_rows_are_skipped_and_reported_and_good_rows_all_used(media, suffix, bad, good_at) -> None:
-    TRIED["bad_rows"] += check_manifest(media, suffix, bad, good_at)
-    TRIED["manifests"] += 1
+    check_manifest(media, suffix, bad, good_at)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
