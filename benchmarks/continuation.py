@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from framework.data.synthetic import SyntheticMovingShapes, render_clip
-from framework.frame_conditioning import FrameCondition
+from framework.frame_conditioning import FrameCondition, token_mask
 from framework.metrics.motion_probe import score_clip
 from framework.modules import VideoDiffusion
+from framework.modules.video_diffusion import with_given_tokens
 from framework.registry import default_registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,29 @@ def continue_clips(model: VideoDiffusion, videos: list[torch.Tensor], captions: 
             conditions.append(FrameCondition(latent, mask))
     sizes = [tuple(v.shape[1:]) for v in videos]
     return model.generate(captions, sizes, list(range(len(videos))), steps=steps, frame_conditions=conditions)
+
+
+def context_loss_gain(model: VideoDiffusion, videos: list[torch.Tensor], captions: list[str], context: int,
+                      repeats: int = 4) -> dict:
+    """The model's own training loss on the frames after the context, with the context given vs not given (same
+    timesteps and noise): how much the given frames help it denoise the rest."""
+    denoiser, conditioner = model.sampling_modules()
+    marker = model.sampling_frame_marker()
+    clean = model.patcher.patchify([model.compressor.encode(v[None])[0] for v in videos])
+    shapes = [tuple(model.compressor.encode(v[None])[0].shape) for v in videos]
+    t_context = model.compressor.latent_shape(context, videos[0].shape[2], videos[0].shape[3])[0]
+    masks = [torch.arange(shape[1]) < t_context for shape in shapes]
+    given = token_mask(model.patcher, shapes, masks)  # [N]
+    cond = conditioner(captions)
+    plain = lambda x, t: denoiser(x, t, cond)  # noqa: E731
+    losses = {"without_context": 0.0, "with_context": 0.0}
+    for seed in range(repeats):
+        for key, fn in (("without_context", plain), ("with_context", with_given_tokens(plain, given, clean.tokens, marker))):
+            generator = torch.Generator().manual_seed(seed)
+            losses[key] += model.sampler.training_loss(fn, clean, generator, loss_mask=~given).mean().item() / repeats
+    losses = {k: round(v, 4) for k, v in losses.items()}
+    losses["relative_change"] = round(losses["with_context"] / losses["without_context"] - 1, 3)
+    return losses
 
 
 def summarise(outputs: list[torch.Tensor], specs, context: int) -> dict:
@@ -88,6 +112,8 @@ def main() -> None:
             start = time.perf_counter()
             outputs = continue_clips(model, videos, captions, args.context, args.steps, given)
             report = summarise(outputs, specs, args.context)
+            if given:
+                report["denoising_loss_after_context"] = context_loss_gain(model, videos, captions, args.context)
             report["seconds"] = round(time.perf_counter() - start, 1)
             results[f"caption_{caption_mode}/{name}"] = report
             print(f"caption {caption_mode:5s} {name:22s} {json.dumps(report)}", flush=True)
