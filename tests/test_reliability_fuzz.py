@@ -64,7 +64,8 @@ def check_manifest(media: dict[str, Path], suffix: str, bad: list[Fault], good_a
             elif not row["path"]:
                 expected_paths[i] = f"{manifest}, line {lines[i]}"
         data = ManifestVideoDataModule(
-            manifest, buckets=BucketConfig(resolutions=[32], aspect_ratios=[1.0], frame_counts=[1, 8], size_multiple=16),
+            manifest,
+            buckets=BucketConfig(resolutions=[32], aspect_ratios=[1.0], frame_counts=[1, 8], size_multiple=16),
             geometry=TokenGeometry(patch_h=4, patch_w=4), tokens_per_batch=256,
         )
         dataset = data.dataset  # must not raise: three good rows are always there
