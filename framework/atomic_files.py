@@ -4,7 +4,8 @@
 POSIX within one file system), then fsyncs the folder, so a kill at any instant leaves either the old or the new
 file under the name, complete. Each file gets a ``<file>.sha256`` sidecar (``sha256sum`` format); while a file is
 replaced the sidecar lists both the old and the new digest, so a kill between the two renames still verifies.
-``verify`` refuses a file whose bytes match no listed digest, naming it. Only torch-free standard library code here,
+``verify`` refuses a file whose bytes match no listed digest, naming it. The partial temporary file a killed writer
+leaves behind is removed by the next write to the same name. Only torch-free standard library code here,
 so a process that must write quickly (or a test that kills one) does not import Lightning.
 """
 
@@ -86,6 +87,8 @@ def write_verified(path: str | Path, write: Callable[[IO[bytes]], None]) -> str:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

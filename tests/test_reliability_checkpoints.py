@@ -22,6 +22,7 @@ from framework.checkpointing import (
     load_safetensors,
     recorded_digests,
     safetensors_path,
+    sha256_of,
     sidecar_of,
 )
 from framework.cli import cli_main
@@ -164,3 +165,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_checkpoint(point: s
     weights = load_checkpoint_safely(path, require_sidecar=True)["state_dict"]["w"]  # verifies the digest too
     expected = 2.0 if point == "after-rename" else 1.0
     assert torch.equal(weights, torch.full((50_000,), expected))
+    SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.full((50_000,), 3.0)}}, path)  # the next save
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["last.ckpt", "last.ckpt.sha256", "last.safetensors", "last.safetensors.sha256"])  # no partial file left
+    assert recorded_digests(path) == [sha256_of(path)]
