@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--context", type=int, default=3)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--output", type=Path, default=RESULT)
     args = parser.parse_args()
     for path in (args.conditioned, args.baseline):
         if not Path(path).exists():
@@ -125,9 +126,9 @@ def main() -> None:
         "results": results,
         "note": "CPU, 2 shared cores; timings are noisy",
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(output, indent=2) + "\n")
-    print(f"wrote {RESULT}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(output, indent=2) + "\n")
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
