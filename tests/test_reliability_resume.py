@@ -97,10 +97,6 @@ def test_resumed_run_ends_with_the_same_weights_optimizer_and_ema_callback(runs)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "VideoDiffusion updates its own EMA (ema_decay) in the module's on_train_batch_end, which Lightning calls after "
-    "the callbacks' -- after ModelCheckpoint has saved: a checkpoint lacks its step's EMA update, and a resume loses "
-    "it. Fix: update the EMA in an optimizer_step override (framework/modules/video_diffusion.py, lead-owned)."))
 def test_module_ema_survives_a_resume(runs) -> None:
     a, b = last_checkpoints(runs)
     for key, value in a["state_dict"].items():

@@ -65,7 +65,7 @@ def test_ema_weights_follow_the_exponential_average_and_are_used_for_sampling() 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        model.on_train_batch_end(None, batch, 0)
+        model.update_ema()
         history.append(head(model.denoiser))
     expected = history[0]  # the first update copies the weights
     for current in history[1:]:

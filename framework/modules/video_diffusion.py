@@ -158,7 +158,14 @@ class VideoDiffusion(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: Lightning runs the module's batch-end hook after the callbacks',
+        # i.e. after ModelCheckpoint has saved, so a checkpoint would miss its own step's EMA update.
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        """Fold the current weights into the exponential moving average (no-op without ``ema_decay``)."""
         if self.ema is not None:
             self.ema.update_parameters(self.trained_modules())
 
