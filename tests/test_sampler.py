@@ -24,10 +24,9 @@ from framework.interfaces import Conditioning, Denoiser, DenoiserIO
 from framework.packing import PackedSequence
 from plugins.samplers.rectified_flow import FlowPrediction, RectifiedFlow, shift_time
 
-MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64)  # [K, 2]
-WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)  # [K]
-STD = 0.3
-NUM_POINTS = 4000
+from gaussian_mixture import (
+    MEANS, NUM_POINTS, STD, WEIGHTS, assert_matches_mixture, one_sample_pack, sample_mixture, varied_pack,
+)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -55,43 +54,7 @@ def mixture_clean_fn(x: PackedSequence, t: torch.Tensor) -> PackedSequence:
     return x.with_tokens((x.tokens.double() - tt * exact_velocity(x.tokens, x.per_token(t))).to(x.tokens.dtype))
 
 
-def sample_mixture(n: int, generator: torch.Generator) -> torch.Tensor:
-    k = torch.multinomial(WEIGHTS.float(), n, replacement=True, generator=generator)
-    return (MEANS[k] + STD * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
 
-
-def one_sample_pack(tokens: torch.Tensor) -> PackedSequence:
-    """All points as one sample with a (1, 1, N) token grid."""
-    return PackedSequence.from_grids([tokens.reshape(1, 1, -1, tokens.shape[-1])])
-
-
-def varied_pack(tokens: torch.Tensor, lengths: list[int]) -> PackedSequence:
-    """The points split into samples of different token counts (different per-sample shifts)."""
-    assert sum(lengths) == tokens.shape[0]
-    return PackedSequence.from_grids([g.reshape(1, 1, -1, tokens.shape[-1]) for g in tokens.split(lengths)])
-
-
-def assert_matches_mixture(points: torch.Tensor) -> None:
-    """Per-component mass, mean and spread plus the overall mean and covariance of 4000 points.
-
-    Tolerances are several standard errors (mass: 0.008, component mean and std: <= 0.015, overall mean: ~0.03)
-    plus room for the O(1/steps) Euler error."""
-    points = points.double()
-    assert torch.isfinite(points).all()
-    nearest = torch.cdist(points, MEANS).argmin(dim=1)  # components are >= 13 std apart: no ambiguity
-    for k in range(len(WEIGHTS)):
-        members = points[nearest == k]
-        mass = len(members) / len(points)
-        assert abs(mass - WEIGHTS[k].item()) < 0.03, f"component {k}: mass {mass:.3f} vs {WEIGHTS[k].item()}"
-        err = (members.mean(0) - MEANS[k]).abs().max().item()
-        assert err < 0.05, f"component {k}: mean {members.mean(0).tolist()} vs {MEANS[k].tolist()}"
-        std = members.std(0)
-        assert ((std - STD).abs() < 0.15 * STD).all(), f"component {k}: std {std.tolist()} vs {STD}"
-    mean = (WEIGHTS[:, None] * MEANS).sum(0)
-    centred = MEANS - mean
-    cov = (WEIGHTS[:, None, None] * centred[:, :, None] * centred[:, None, :]).sum(0) + STD**2 * torch.eye(2)
-    assert (points.mean(0) - mean).abs().max() < 0.1, f"mean {points.mean(0).tolist()} vs {mean.tolist()}"
-    assert (points.T.cov() - cov).abs().max() < 0.15, f"cov {points.T.cov().tolist()} vs {cov.tolist()}"
 
 
 @pytest.fixture(scope="module")
