@@ -122,16 +122,3 @@ def token_mask(patcher: Patcher, latent_shapes: list[tuple[int, ...]], frame_mas
         grids.append(mask.float().to(torch.float32)[None, :, None, None].expand(1, t, h, w))  # [1, t, h, w]
     packed = patcher.patchify(grids)  # tokens [N, pt * ph * pw]
     return packed.tokens.min(dim=1).values > 0.5  # [N]
-
-
-def masked_per_sample_mean(layout: PackedSequence, values: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of per-token ``values`` [N] over the tokens where ``mask`` [N] is True, per sample -> [B] (0 for a
-    sample without such tokens); ``mask`` None means all tokens."""
-    if mask is None:
-        return layout.per_sample_mean(values)
-    weights = mask.to(values.dtype)  # [N]
-    sums = torch.zeros(layout.num_samples, dtype=values.dtype, device=values.device)
-    counts = torch.zeros_like(sums)
-    sums.index_add_(0, layout.sample_index, values * weights)
-    counts.index_add_(0, layout.sample_index, weights)
-    return sums / counts.clamp_min(1.0)  # [B]

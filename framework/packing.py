@@ -99,11 +99,18 @@ class PackedSequence:
         # buffer, measured as the largest extra cost of a mixed-size DiT step on CPU; expand's backward is a sum.
         return torch.cat([v.expand(n, *v.shape) for v, n in zip(values, self.seqlens)])  # [N, ...]
 
-    def per_sample_mean(self, values: Tensor) -> Tensor:
-        """Mean of ``[N]`` per-token values within each sample -> ``[B]``."""
+    def per_sample_mean(self, values: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Mean of ``[N]`` per-token values within each sample -> ``[B]``; with ``mask`` [N] bool, over the tokens
+        where it is True only (0 for a sample without such tokens), e.g. a loss that leaves given frames out."""
         sums = torch.zeros(self.num_samples, dtype=values.dtype, device=values.device)
-        sums.index_add_(0, self.sample_index, values)
-        return sums / torch.tensor(self.seqlens, dtype=values.dtype, device=values.device)
+        if mask is None:
+            sums.index_add_(0, self.sample_index, values)
+            return sums / torch.tensor(self.seqlens, dtype=values.dtype, device=values.device)
+        weights = mask.to(values.dtype)  # [N]
+        counts = torch.zeros_like(sums)
+        sums.index_add_(0, self.sample_index, values * weights)
+        counts.index_add_(0, self.sample_index, weights)
+        return sums / counts.clamp_min(1.0)  # [B]
 
     def split(self, tokens: Tensor | None = None) -> list[Tensor]:
         """Per-sample ``[L_i, D]`` views of ``tokens`` (default: this pack's tokens)."""

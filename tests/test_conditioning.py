@@ -15,7 +15,6 @@ from framework.data.prompts import GenerationTask, Prompts, load_prompt_requests
 from framework.frame_conditioning import (
     FrameMaskProbabilities,
     FrameMaskStrategy,
-    masked_per_sample_mean,
     sample_training_masks,
     strategy_mask,
     token_mask,
@@ -106,7 +105,7 @@ def test_token_mask_follows_the_patcher_and_loss_mask_leaves_given_tokens_out():
     layout = PackedSequence.from_grids([torch.zeros(2, 2, 2, 1), torch.zeros(1, 2, 2, 1)])
     values = torch.arange(12.0)
     loss_mask = torch.tensor([False] * 4 + [True] * 4 + [True, True, False, False])
-    assert masked_per_sample_mean(layout, values, loss_mask).tolist() == [5.5, 8.5]
+    assert layout.per_sample_mean(values, loss_mask).tolist() == [5.5, 8.5]
     # Through the sampler: changing the prediction on masked-out tokens leaves the loss unchanged.
     flow, clean = RectifiedFlow(), PackedSequence.from_grids([torch.randn(2, 2, 2, 3)])
     keep = torch.tensor([False] * 4 + [True] * 4)

@@ -27,7 +27,6 @@ import math
 import torch
 from torch import Tensor
 
-from framework.frame_conditioning import masked_per_sample_mean
 from framework.interfaces import ModelFn, Sampler
 from framework.packing import PackedSequence
 
@@ -159,7 +158,7 @@ class GaussianDiffusion(Sampler):
         x_t = alpha * x0 + sigma * noise  # [N, D]
         prediction = model_fn(clean.with_tokens(x_t), self.timestep(index).float()).tokens  # [N, D]
         per_token = (prediction.float() - self.target(x0, noise, alpha, sigma).float()).pow(2).mean(dim=1)  # [N]
-        return masked_per_sample_mean(clean, per_token, loss_mask)  # [B]
+        return clean.per_sample_mean(per_token, loss_mask)  # [B]
 
 
 def _parse(kind: type[enum.Enum], value: object, where: str) -> enum.Enum:

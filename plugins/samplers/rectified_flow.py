@@ -24,7 +24,6 @@ import enum
 import torch
 from torch import Tensor
 
-from framework.frame_conditioning import masked_per_sample_mean
 from framework.interfaces import ModelFn, Sampler, StepCallback
 from framework.packing import PackedSequence
 
@@ -103,7 +102,7 @@ class RectifiedFlow(Sampler):
             # (x_t - x0_hat) / t - (eps - x0) = (x0 - x0_hat) / t: the velocity error, with 1 / t capped at 1 / t_min
             error = (output - x0.float()) / t_tok.float().clamp_min(self.t_min)  # [N, D]
         per_token = error.pow(2).mean(dim=1)  # [N]
-        return masked_per_sample_mean(clean, per_token, loss_mask)  # [B]
+        return clean.per_sample_mean(per_token, loss_mask)  # [B]
 
     def schedule(self, steps: int, packed: PackedSequence, start_t: float = 1.0) -> Tensor:
         """Time grid [steps + 1, B] from ``start_t`` (a noise level, after the shift) to 0, shifted per sample."""
