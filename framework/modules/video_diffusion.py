@@ -130,18 +130,17 @@ class VideoDiffusion(L.LightningModule):
         )
 
     # ------------------------------------------------------------------------------------------------ training
-    def encode(self, videos: list[Tensor]) -> PackedSequence:
+    def encode_latents(self, videos: list[Tensor]) -> list[Tensor]:
+        """Pixels [3, T, H, W] -> latents [c, t, h, w] with the frozen compressor."""
         with torch.no_grad():
-            latents = self.compressor.encode_list(videos)  # list of [c, t, h, w]
-        return self.patcher.patchify(latents)
+            return self.compressor.encode_list(videos)
+
+    def encode(self, videos: list[Tensor]) -> PackedSequence:
+        return self.patcher.patchify(self.encode_latents(videos))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         # A latent cache (``kinetoscope cache-latents``) serves pre-encoded latents; otherwise encode the pixels here.
-        if "latents" in batch:
-            latents = list(batch["latents"])
-        else:
-            with torch.no_grad():
-                latents = self.compressor.encode_list(batch["videos"])  # list of [c, t, h, w]
+        latents = list(batch["latents"]) if "latents" in batch else self.encode_latents(batch["videos"])  # [c, t, h, w]
         clean = self.patcher.patchify(latents)
         cond = self.conditioner(batch["captions"])
         model_fn: ModelFn = lambda x, t: self.denoiser(x, t, cond)  # noqa: E731
