@@ -10,15 +10,6 @@ from framework.registry import default_registry
 from plugins.compressors.causal_vae import CausalVAE, Tiling, VAESize, latent_to_video_frames, temporal_chunks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run far faster on one thread than on an oversubscribed shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vae(**kwargs) -> CausalVAE:
     """A tiny CausalVAE whose output convolutions are random too (they start at zero, which would hide the
     network behind its parameter-free shortcut), so every layer contributes, as after training."""

@@ -12,14 +12,6 @@ from framework.modules.compressor_training import CompressorTraining, PatchDiscr
 from plugins.compressors.causal_vae import CausalVAE, VAESize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vae(**kwargs) -> CausalVAE:
     torch.manual_seed(0)
     return CausalVAE(latent_channels=4, size=VAESize.TINY, base_channels=8, tiling=None, **kwargs)

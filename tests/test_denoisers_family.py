@@ -18,16 +18,6 @@ IO = DenoiserIO(token_dim=6, context_dim=10, pooled_dim=12)
 DENOISERS = {"STDiT": STDiT, "MMDiT": MMDiT}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models, many small ops: one thread is ~10x faster than two on the shared CPU (measured 0.13 s vs 1.3 s
-    for three ST-DiT training steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(name: str, randomise: bool = True, **kwargs):
     torch.manual_seed(0)
     model = DENOISERS[name](**{"width": 32, "depth": 3, "num_heads": 2, **kwargs})

@@ -11,14 +11,6 @@ diffusers = pytest.importorskip("diffusers", reason="optional extra: pip install
 from plugins.compressors.diffusers_vae import FramewiseDiffusersVAE  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
     torch.manual_seed(0)

@@ -10,15 +10,6 @@ from framework.interfaces import Conditioning, Denoiser, DenoiserIO
 from framework.packing import PackedSequence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: one thread avoids two threads fighting over a shared, busy CPU (measured ~10x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ToyDenoiser(Denoiser):
     """A deterministic prediction that depends on every Conditioning field (context only through its mask)."""
 

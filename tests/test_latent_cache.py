@@ -25,14 +25,6 @@ from plugins.compressors.causal_vae import CausalVAE, VAESize
 SIZES = [[5, 16, 16], [1, 16, 24]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vae() -> CausalVAE:
     torch.manual_seed(0)
     return CausalVAE(latent_channels=4, size=VAESize.TINY, base_channels=4, tiling=None).eval()
