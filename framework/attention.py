@@ -54,6 +54,7 @@ def resolve_backend(backend: AttentionBackend, packed: PackedSequence, device: t
     return AttentionBackend.SDPA_LOOP
 
 
+@torch.compiler.disable  # loops over the pack's layout: eager under torch.compile (framework/compilation.py)
 def packed_self_attention(
     q: Tensor, k: Tensor, v: Tensor, packed: PackedSequence, backend: AttentionBackend = AttentionBackend.AUTO
 ) -> Tensor:
@@ -91,6 +92,7 @@ def _flex_self_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedSequence
     return flex_attention(q, k, v, block_mask=mask)[0].transpose(0, 1)  # [N, H, Dh]
 
 
+@torch.compiler.disable  # loops over the pack's layout: eager under torch.compile (framework/compilation.py)
 def packed_cross_attention(
     q: Tensor, k: Tensor, v: Tensor, context_mask: Tensor, packed: PackedSequence,
     backend: AttentionBackend = AttentionBackend.AUTO,

@@ -91,6 +91,7 @@ class PackedSequence:
             )
         return self._cache["sample_index"]
 
+    @torch.compiler.disable  # layout-dependent: run eagerly under torch.compile (framework/compilation.py)
     def per_token(self, values: Tensor) -> Tensor:
         """Broadcast ``[B, ...]`` per-sample values to ``[N, ...]`` per-token values."""
         if self.is_uniform:
@@ -116,6 +117,7 @@ class PackedSequence:
         """Per-sample ``[L_i, D]`` views of ``tokens`` (default: this pack's tokens)."""
         return list((self.tokens if tokens is None else tokens).split(list(self.seqlens)))
 
+    @torch.compiler.disable  # builds a PackedSequence (checks its grid sizes): eager under torch.compile
     def with_tokens(self, tokens: Tensor) -> PackedSequence:
         """Same layout, new token values (e.g. a denoiser's prediction or noise of a different width)."""
         if tokens.shape[0] != self.tokens.shape[0]:

@@ -25,6 +25,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from framework.compilation import CompileMode, compile_in_place
 from framework.data.prompts import PromptRequest
 from framework.frame_conditioning import (
     FrameCondition,
@@ -91,11 +92,17 @@ class VideoDiffusion(L.LightningModule):
         guidance_rescale: float = 0.0,
         output_fps: float = 8.0,
         frame_conditioning: FrameMaskProbabilities | None = None,
+        compile_denoiser: bool = False,
+        compile_mode: CompileMode = CompileMode.DEFAULT,
+        fused_optimizer: bool = False,
     ) -> None:
         """``cosine_decay`` anneals the learning rate to ``min_lr_ratio`` of its peak by the end of training
         (``trainer.max_steps``); ``ema_decay`` > 0 keeps an exponential moving average of the denoiser and
         conditioner weights, which ``generate`` uses: averaged weights give cleaner samples than the last step's.
-        ``frame_conditioning`` trains with given clean frames drawn by these mask strategies (docs/conditioning.md)."""
+        ``frame_conditioning`` trains with given clean frames drawn by these mask strategies (docs/conditioning.md).
+        ``compile_denoiser`` runs the denoiser (and its EMA copy) through ``torch.compile`` with ``compile_mode`` for
+        training and sampling, compiled once for any packed layout (``framework.compilation``);
+        ``fused_optimizer`` uses AdamW's fused kernel (``fused=True``: one kernel for all parameters, CPU and GPU)."""
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"VideoDiffusion: learning_rate must be > 0, got {learning_rate}")
@@ -128,6 +135,10 @@ class VideoDiffusion(L.LightningModule):
             .requires_grad_(False)
             if ema_decay > 0 else None
         )
+        if compile_denoiser:
+            compile_in_place(self.denoiser, compile_mode)
+            if self.ema is not None:
+                compile_in_place(self.ema.module["denoiser"], compile_mode)
 
     # ------------------------------------------------------------------------------------------------ training
     def encode_latents(self, videos: list[Tensor]) -> list[Tensor]:
@@ -196,7 +207,8 @@ class VideoDiffusion(L.LightningModule):
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)  # no weight decay on biases and norm gains
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.99))
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.99),
+                                      fused=hp.fused_optimizer or None)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         warmup, floor = hp.warmup_steps, hp.min_lr_ratio
 

@@ -38,6 +38,7 @@ class JointLayout:
     caption_sample_index: Tensor  # [M] sample of each caption token
 
     @staticmethod
+    @torch.compiler.disable  # reads the pack's layout: eager under torch.compile (framework/compilation.py)
     def build(x: PackedSequence, context_mask: Tensor) -> JointLayout:
         device = x.tokens.device
         video_lengths = x.seqlens

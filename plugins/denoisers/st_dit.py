@@ -42,6 +42,7 @@ class GroupedLayout:
     buckets: tuple[Tensor, ...]  # per distinct group length L: [G_L, L] packed token indices, one row per group
 
     @staticmethod
+    @torch.compiler.disable  # reads the pack's layout: eager under torch.compile (framework/compilation.py)
     def build(x: PackedSequence, axis: AttentionAxis) -> GroupedLayout:
         t, h, w = x.positions.round().long().unbind(1)  # each [N]
         sample = x.sample_index  # [N]
@@ -70,6 +71,7 @@ class GroupedLayout:
             buckets.append(order[first[:, None] + torch.arange(length, device=device)])  # [G_L, L]
         return GroupedLayout(tuple(buckets))
 
+    @torch.compiler.disable  # loops over the layout's buckets: eager under torch.compile
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Self-attention within each group: ``q, k, v`` [N, H, Dh] in packed order -> [N, H, Dh]."""
         out = torch.empty_like(v)

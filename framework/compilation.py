@@ -1,0 +1,38 @@
+"""``torch.compile`` for denoisers over packed, variable-size batches, without a recompile per batch layout.
+
+A packed batch carries its layout as Python values (``grid_sizes``, per-sample token counts), and the layout-aware
+code (per-sample attention loops, broadcasting per-sample values to tokens, STDiT's groups, MM-DiT's joint order)
+branches and loops on them. Traced by TorchDynamo, every new combination of clip sizes would be a new graph: measured
+on a 2-block DiT (torch 2.13, CPU), each new layout added a graph and recompiled (~10 s each), without bound.
+
+So the layout operations are excluded from tracing (``torch.compiler.disable`` on ``PackedSequence.per_token``,
+``PackedSequence.with_tokens``, ``packed_self_attention``, ``packed_cross_attention`` and the STDiT / MM-DiT layout
+builders): they run eagerly, exactly as without compilation, and the dense per-token math between them (projections,
+norms, modulation, RoPE, MLPs) is compiled once with a dynamic token count (``dynamic=True``). Any number of layouts
+then share the same graphs; measured: a new graph only for a pack of one sample (PyTorch specialises sizes 0 and 1)
+and for the first pack whose samples all have equal length (those take the dense attention path).
+
+The module is compiled in place (``nn.Module.compile``), so parameter names, checkpoints and the EMA copy stay as
+they are.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from torch import nn
+
+
+class CompileMode(str, enum.Enum):
+    """``torch.compile``'s ``mode``: how hard Inductor optimises (see the ``torch.compile`` documentation)."""
+
+    DEFAULT = "default"
+    REDUCE_OVERHEAD = "reduce-overhead"  # CUDA graphs: for small batches on GPU, where launch overhead dominates
+    MAX_AUTOTUNE = "max-autotune"  # benchmarks kernel choices while compiling: slow to compile, fastest to run
+    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+
+
+def compile_in_place(module: nn.Module, mode: CompileMode = CompileMode.DEFAULT) -> nn.Module:
+    """Compile ``module``'s forward in place with a dynamic token count; returns the module (names unchanged)."""
+    module.compile(dynamic=True, mode=CompileMode(mode).value)
+    return module
