@@ -140,6 +140,32 @@ class VideoDiffusion(L.LightningModule):
             if self.ema is not None:
                 compile_in_place(self.ema.module["denoiser"], compile_mode)
 
+    def configure_model(self) -> None:
+        """Shard for Lightning's ``ModelParallelStrategy`` (FSDP2: ``torch.distributed.fsdp.fully_shard`` over its
+        ``data_parallel`` mesh dimension; a no-op under other strategies). Every block of every ``nn.ModuleList`` in
+        the denoiser is one shard unit (its weights are gathered just for its own forward and backward), then the
+        denoiser's and the conditioner's remaining weights; the frozen compressor stays whole on every rank."""
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.denoiser, FSDPModule):
+            return  # already sharded (Lightning may call this hook again)
+        uncovered = [name for name, module in (("frame_embedding", self.frame_embedding), ("patcher", self.patcher),
+                                               ("sampler", self.sampler), ("ema", self.ema))
+                     if module is not None and any(True for _ in module.parameters())]
+        if uncovered:
+            raise ValueError(f"VideoDiffusion: sharding (ModelParallelStrategy) covers the denoiser and conditioner; "
+                             f"{', '.join(uncovered)} also hold weights (use strategy: ddp, or ema through "
+                             f"EMACallback)")
+        mesh = self.device_mesh["data_parallel"]
+        for blocks in (m for m in self.denoiser.modules() if isinstance(m, nn.ModuleList)):
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+        fully_shard(self.denoiser, mesh=mesh)
+        if any(p.requires_grad for p in self.conditioner.parameters()):
+            fully_shard(self.conditioner, mesh=mesh)
+
     # ------------------------------------------------------------------------------------------------ training
     def encode_latents(self, videos: list[Tensor]) -> list[Tensor]:
         """Pixels [3, T, H, W] -> latents [c, t, h, w] with the frozen compressor."""
