@@ -18,21 +18,17 @@ they are.
 
 from __future__ import annotations
 
-import enum
+from typing import Literal
 
 from torch import nn
 
-
-class CompileMode(str, enum.Enum):
-    """``torch.compile``'s ``mode``: how hard Inductor optimises (see the ``torch.compile`` documentation)."""
-
-    DEFAULT = "default"
-    REDUCE_OVERHEAD = "reduce-overhead"  # CUDA graphs: for small batches on GPU, where launch overhead dominates
-    MAX_AUTOTUNE = "max-autotune"  # benchmarks kernel choices while compiling: slow to compile, fastest to run
-    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+"""``torch.compile``'s ``mode``, passed through: "reduce-overhead" uses CUDA graphs (small GPU batches, where launch
+overhead dominates); "max-autotune" benchmarks kernel choices while compiling (slow to compile, fastest to run).
+A plain string rather than an enum so that a checkpoint's hyperparameters stay loadable with ``weights_only=True``."""
 
 
-def compile_in_place(module: nn.Module, mode: CompileMode = CompileMode.DEFAULT) -> nn.Module:
+def compile_in_place(module: nn.Module, mode: CompileMode = "default") -> nn.Module:
     """Compile ``module``'s forward in place with a dynamic token count; returns the module (names unchanged)."""
-    module.compile(dynamic=True, mode=CompileMode(mode).value)
+    module.compile(dynamic=True, mode=mode)
     return module

@@ -38,15 +38,21 @@ def guided_model_fn(
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
     if null is None or scale == 1.0:
-        return lambda x, t: denoiser(x, t, cond)
+        prepared = denoiser.prepare(cond)  # caption-only work once, not at every step
+        return lambda x, t: denoiser(x, t, prepared)
     if null.batch_size != cond.batch_size:
         raise ValueError(
             f"guidance: the unconditional branch has {null.batch_size} samples, the conditional one {cond.batch_size}"
         )
-    both = Conditioning.cat([cond, null])
+    both = denoiser.prepare(Conditioning.cat([cond, null]))
+    doubled: list[tuple[PackedSequence, PackedSequence]] = []  # (input layout, its two-branch pack), built once
 
     def model_fn(x: PackedSequence, t: Tensor) -> PackedSequence:
-        out = denoiser(PackedSequence.concat([x, x]), torch.cat([t, t]), both).tokens  # [2N, D]
+        # samplers step with x.with_tokens(...), which keeps the layout's tensors: same tensors, same layout
+        if not doubled or doubled[0][0].positions is not x.positions or doubled[0][0].grid_sizes != x.grid_sizes:
+            doubled[:] = [(x, PackedSequence.concat([x, x]))]
+        pair = doubled[0][1].with_tokens(torch.cat([x.tokens, x.tokens]))  # [2N, D], keeps the pack's cached views
+        out = denoiser(pair, torch.cat([t, t]), both).tokens  # [2N, D]
         conditional, unconditional = out.chunk(2)  # each [N, D]
         guided = unconditional + scale * (conditional - unconditional)  # [N, D]
         if rescale > 0:

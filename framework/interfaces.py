@@ -177,6 +177,11 @@ class Denoiser(nn.Module, ABC):
     def forward(self, x: PackedSequence, timestep: Tensor, cond: Conditioning) -> PackedSequence:
         """``x.tokens`` [N, token_dim], ``timestep`` [B] in [0, 1] -> prediction with the same layout."""
 
+    def prepare(self, cond: Conditioning) -> Conditioning:
+        """Compute what depends only on the conditioning (e.g. caption keys and values), for ``forward`` to reuse at
+        every step of one sampling run with these weights. Default: nothing to precompute."""
+        return cond
+
 
 # ----------------------------------------------------------------------------------------------------- sampler
 ModelFn = Callable[[PackedSequence, Tensor], PackedSequence]

@@ -9,11 +9,15 @@ patcher can fold tokens back into latents.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +94,13 @@ class PackedSequence:
                 torch.arange(self.num_samples, device=self.tokens.device), lengths
             )
         return self._cache["sample_index"]
+
+    def layout_cached(self, key: Hashable, build: Callable[[], T]) -> T:
+        """``build()``, computed once per layout: packs made by ``with_tokens`` share the cache, so a value derived
+        from the layout alone (e.g. attention groups) is built at the first sampling step and reused after."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     @torch.compiler.disable  # layout-dependent: run eagerly under torch.compile (framework/compilation.py)
     def per_token(self, values: Tensor) -> Tensor:

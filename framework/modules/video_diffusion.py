@@ -93,7 +93,7 @@ class VideoDiffusion(L.LightningModule):
         output_fps: float = 8.0,
         frame_conditioning: FrameMaskProbabilities | None = None,
         compile_denoiser: bool = False,
-        compile_mode: CompileMode = CompileMode.DEFAULT,
+        compile_mode: CompileMode = "default",
         fused_optimizer: bool = False,
     ) -> None:
         """``cosine_decay`` anneals the learning rate to ``min_lr_ratio`` of its peak by the end of training

@@ -9,6 +9,7 @@ RMS-normalised queries and keys, which keep attention logits bounded at high lea
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +61,14 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(width // num_heads, eps=1e-6)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, packed: PackedSequence, context: Tensor, context_mask: Tensor) -> Tensor:
-        q = self.q_norm(self.q(x).unflatten(-1, (self.num_heads, -1)))  # [N, H, Dh]
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Caption keys and values, each [B, L, H, Dh], from the embedded caption [B, L, W]."""
         k, v = self.kv(context).unflatten(-1, (2, self.num_heads, -1)).unbind(2)  # each [B, L, H, Dh]
-        out = packed_cross_attention(q, self.k_norm(k), v, context_mask, packed, self.backend)  # [N, H, Dh]
+        return self.k_norm(k), v
+
+    def forward(self, x: Tensor, packed: PackedSequence, keys_values: tuple[Tensor, Tensor], context_mask: Tensor):
+        q = self.q_norm(self.q(x).unflatten(-1, (self.num_heads, -1)))  # [N, H, Dh]
+        out = packed_cross_attention(q, *keys_values, context_mask, packed, self.backend)  # [N, H, Dh]
         return self.proj(out.flatten(1))  # [N, W]
 
 
@@ -81,13 +86,23 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context: Tensor, context_mask: Tensor):
+    def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context_kv: tuple[Tensor, Tensor],
+                context_mask: Tensor):
         # c: [B, W] per-sample conditioning; modulation is computed per sample, then spread over its tokens
         mod = packed.per_token(self.ada(c))  # [N, 6W]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # each [N, W]
         x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), packed, rope)  # [N, W]
-        x = x + self.cross(self.norm2(x), packed, context, context_mask)  # [N, W]
+        x = x + self.cross(self.norm2(x), packed, context_kv, context_mask)  # [N, W]
         return x + gate_m * self.mlp(modulate(self.norm3(x), shift_m, scale_m))  # [N, W]
+
+
+@dataclass
+class PreparedConditioning(Conditioning):
+    """A Conditioning plus what a DiT derives from it alone, computed once per sampling run (``DiT.prepare``) instead
+    of at every step; valid only for the DiT (and weights) that prepared it."""
+
+    pooled_embedding: Tensor  # [B, W] the pooled caption's share of the adaLN input
+    context_kv: tuple[tuple[Tensor, Tensor], ...]  # per block: caption keys, values [B, L, H, Dh]
 
 
 class DiT(Denoiser):
@@ -152,17 +167,25 @@ class DiT(Denoiser):
     def forward(self, x: PackedSequence, timestep: Tensor, cond: Conditioning) -> PackedSequence:
         if self.io is None:
             raise RuntimeError("DiT.bind(DenoiserIO) must be called before forward (VideoDiffusion does this)")
+        cond = self.prepare(cond)
         h = self.embed(x.tokens)  # [N, W]
-        c = self.time_embed(timestep_embedding(timestep, 256)) + self.pooled_embed(cond.pooled)  # [B, W]
-        context = self.context_embed(cond.context)  # [B, L, W]
+        c = self.time_embed(timestep_embedding(timestep, 256)) + cond.pooled_embedding  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
-        for block in self.blocks:
+        for block, context_kv in zip(self.blocks, cond.context_kv):
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, c, x, rope, context, cond.context_mask, use_reentrant=False)
+                h = checkpoint(block, h, c, x, rope, context_kv, cond.context_mask, use_reentrant=False)
             else:
-                h = block(h, c, x, rope, context, cond.context_mask)  # [N, W]
+                h = block(h, c, x, rope, context_kv, cond.context_mask)  # [N, W]
         shift, scale = x.per_token(self.final_ada(c)).chunk(2, dim=-1)  # each [N, W]
         return x.with_tokens(self.head(modulate(self.final_norm(h), shift, scale)))  # [N, token_dim]
+
+    def prepare(self, cond: Conditioning) -> PreparedConditioning:
+        """The pooled-caption embedding and every block's caption keys and values (unchanged if already prepared)."""
+        if isinstance(cond, PreparedConditioning):
+            return cond
+        context = self.context_embed(cond.context)  # [B, L, W]
+        return PreparedConditioning(cond.context, cond.context_mask, cond.pooled, self.pooled_embed(cond.pooled),
+                                    tuple(block.cross.keys_values(context) for block in self.blocks))
 
     def flops_per_token(self, seqlen: int, context_len: int) -> float:
         """Forward FLOPs per video token (2 per multiply-add) of the blocks: projections, MLP and attention.

@@ -44,6 +44,11 @@ class GroupedLayout:
     @staticmethod
     @torch.compiler.disable  # reads the pack's layout: eager under torch.compile (framework/compilation.py)
     def build(x: PackedSequence, axis: AttentionAxis) -> GroupedLayout:
+        """The groups of ``x``'s layout, built once per layout (a sampling run reuses them at every step)."""
+        return x.layout_cached(("GroupedLayout", axis), lambda: GroupedLayout._build(x, axis))
+
+    @staticmethod
+    def _build(x: PackedSequence, axis: AttentionAxis) -> GroupedLayout:
         t, h, w = x.positions.round().long().unbind(1)  # each [N]
         sample = x.sample_index  # [N]
         max_t, max_h, max_w = (max(s[i] for s in x.grid_sizes) for i in range(3))
@@ -96,12 +101,12 @@ class FactorisedBlock(DiTBlock):
         q, k = apply_rope(attn.q_norm(q), *rope), apply_rope(attn.k_norm(k), *rope)  # [N, H, Dh]
         return attn.proj(layout.attention(q, k, v).flatten(1))  # [N, W]
 
-    def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context: Tensor, context_mask: Tensor,
-                layout: GroupedLayout) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context_kv: tuple[Tensor, Tensor],
+                context_mask: Tensor, layout: GroupedLayout) -> Tensor:
         mod = packed.per_token(self.ada(c))  # [N, 6W]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # each [N, W]
         x = x + gate_a * self.grouped_self_attention(modulate(self.norm1(x), shift_a, scale_a), rope, layout)
-        x = x + self.cross(self.norm2(x), packed, context, context_mask)  # [N, W]
+        x = x + self.cross(self.norm2(x), packed, context_kv, context_mask)  # [N, W]
         return x + gate_m * self.mlp(modulate(self.norm3(x), shift_m, scale_m))  # [N, W]
 
 
@@ -137,12 +142,12 @@ class STDiT(DiT):
         if self.io is None:
             raise RuntimeError("STDiT.bind(DenoiserIO) must be called before forward (VideoDiffusion does this)")
         layouts = {axis: GroupedLayout.build(x, axis) for axis in AttentionAxis}
+        cond = self.prepare(cond)  # DiT's: pooled embedding and caption keys/values per block
         h = self.embed(x.tokens)  # [N, W]
-        c = self.time_embed(timestep_embedding(timestep, 256)) + self.pooled_embed(cond.pooled)  # [B, W]
-        context = self.context_embed(cond.context)  # [B, L, W]
+        c = self.time_embed(timestep_embedding(timestep, 256)) + cond.pooled_embedding  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
-        for block in self.blocks:
-            args = (h, c, x, rope, context, cond.context_mask, layouts[block.axis])
+        for block, context_kv in zip(self.blocks, cond.context_kv):
+            args = (h, c, x, rope, context_kv, cond.context_mask, layouts[block.axis])
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(block, *args, use_reentrant=False)
             else:
