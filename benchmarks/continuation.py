@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from framework.data.synthetic import SyntheticMovingShapes, render_clip
-from framework.frame_conditioning import FrameCondition, token_mask
+from framework.frame_conditioning import FrameCondition, token_mask, ungiven_frames
 from framework.metrics.motion_probe import score_clip
 from framework.modules import VideoDiffusion
 from framework.modules.video_diffusion import with_given_tokens
@@ -53,6 +53,15 @@ def continue_clips(model: VideoDiffusion, videos: list[torch.Tensor], captions: 
             conditions.append(FrameCondition(latent, mask))
     sizes = [tuple(v.shape[1:]) for v in videos]
     return model.generate(captions, sizes, list(range(len(videos))), steps=steps, frame_conditions=conditions)
+
+
+def context_frames_kept(model: VideoDiffusion, video: torch.Tensor, context: int) -> int:
+    """How many of the ``context`` given frames the model actually receives (as latent frames): a token is given
+    only when every frame it covers is, so e.g. an 8-frame-tube model keeps none of a 4-frame context."""
+    latent = model.compressor.encode(video[None])[0]  # [c, t, h, w]
+    t_context = model.compressor.latent_shape(context, video.shape[2], video.shape[3])[0]
+    mask = torch.arange(latent.shape[1]) < t_context
+    return t_context - ungiven_frames(model.patcher, [tuple(latent.shape)], [mask])[0]
 
 
 def context_loss_gain(model: VideoDiffusion, videos: list[torch.Tensor], captions: list[str], context: int,
@@ -90,7 +99,8 @@ def main() -> None:
     parser.add_argument("--baseline", default=str(REPO / "runs/quickstart/checkpoints/last.ckpt"))
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--context", type=int, default=3)
+    parser.add_argument("--context", type=int, default=4,
+                        help="given frames; only whole tokens are given (4 = one temporal token of a 4x4x4 patch)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--output", type=Path, default=RESULT)
     args = parser.parse_args()
@@ -114,6 +124,7 @@ def main() -> None:
             outputs = continue_clips(model, videos, captions, args.context, args.steps, given)
             report = summarise(outputs, specs, args.context)
             if given:
+                report["context_latent_frames_kept"] = context_frames_kept(model, videos[0], args.context)
                 report["denoising_loss_after_context"] = context_loss_gain(model, videos, captions, args.context)
             report["seconds"] = round(time.perf_counter() - start, 1)
             results[f"caption_{caption_mode}/{name}"] = report

@@ -122,3 +122,14 @@ def token_mask(patcher: Patcher, latent_shapes: list[tuple[int, ...]], frame_mas
         grids.append(mask.float().to(torch.float32)[None, :, None, None].expand(1, t, h, w))  # [1, t, h, w]
     packed = patcher.patchify(grids)  # tokens [N, pt * ph * pw]
     return packed.tokens.min(dim=1).values > 0.5  # [N]
+
+
+def ungiven_frames(patcher: Patcher, latent_shapes: list[tuple[int, ...]], frame_masks: list[Tensor]) -> list[int]:
+    """Per sample, how many given latent frames are *not* kept because they share a token with a frame to generate
+    (``token_mask`` gives whole tokens only): e.g. 3 given frames with 4-frame tokens -> 3, with 2-frame tokens -> 1."""
+    given = token_mask(patcher, latent_shapes, frame_masks)  # [N]
+    grids = [torch.zeros(1, *shape[1:]) for shape in latent_shapes]  # [1, t, h, w] each
+    packed = patcher.patchify(grids)
+    covered = patcher.unpatchify(packed.with_tokens(given[:, None].float().expand_as(packed.tokens)))
+    # A frame is kept when every spatial token over it is given (token_mask is the same across space).
+    return [int((mask & ~(grid[0].amin(dim=(1, 2)) > 0.5)).sum()) for mask, grid in zip(frame_masks, covered)]

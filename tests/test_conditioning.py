@@ -13,11 +13,13 @@ from PIL import Image
 
 from framework.data.prompts import GenerationTask, Prompts, load_prompt_requests
 from framework.frame_conditioning import (
+    FrameCondition,
     FrameMaskProbabilities,
     FrameMaskStrategy,
     sample_training_masks,
     strategy_mask,
     token_mask,
+    ungiven_frames,
 )
 from framework.modules import VideoDiffusion
 from framework.packing import PackedSequence
@@ -115,6 +117,25 @@ def test_token_mask_follows_the_patcher_and_loss_mask_leaves_given_tokens_out():
     a = flow.training_loss(lambda x, t: x.with_tokens(pred), clean, torch.Generator().manual_seed(1), loss_mask=keep)
     b = flow.training_loss(lambda x, t: x.with_tokens(other), clean, torch.Generator().manual_seed(1), loss_mask=keep)
     assert torch.equal(a, b)
+
+
+def test_ungiven_frames_counts_given_frames_lost_to_partly_given_tokens(caplog):
+    """A context that does not fill whole temporal tokens is not kept: counted, and generation warns about it."""
+    shapes = [(3, 8, 8, 8), (3, 8, 8, 8), (3, 8, 8, 8)]
+    masks = [torch.arange(8) < k for k in (3, 4, 5)]  # first 3, 4, 5 latent frames given
+    assert ungiven_frames(SpacetimePatcher(4, 4, 4), shapes, masks) == [3, 0, 1]
+    assert ungiven_frames(SpacetimePatcher(2, 4, 4), shapes, masks) == [1, 0, 1]
+    assert ungiven_frames(SpacetimePatcher(1, 4, 4), shapes, masks) == [0, 0, 0]
+    model = VideoDiffusion(
+        PixelCompressor(), SpacetimePatcher(2, 4, 4), DiT(width=32, depth=1, num_heads=2),
+        HashedTextConditioner(width=16, depth=1, num_heads=2), RectifiedFlow(), sampling_steps=2,
+        frame_conditioning=FrameMaskProbabilities(),
+    ).eval()
+    video = torch.zeros(3, 4, 16, 16)  # [3, T, H, W]
+    with caplog.at_level("WARNING"):
+        out = model.generate(["x"], [(4, 16, 16)], [0], frame_conditions=[FrameCondition(video, torch.arange(4) < 3)])
+    assert "generated, not kept" in caplog.text and "{0: 1}" in caplog.text  # 2-frame tokens: frames 0-1 kept, frame 2 not
+    assert torch.equal(out[0][:, :2], video[:, :2]) and not torch.equal(out[0][:, 2], video[:, 2])
 
 
 def test_training_step_with_frame_conditioning_trains_the_marker():

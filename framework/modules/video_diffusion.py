@@ -32,6 +32,7 @@ from framework.frame_conditioning import (
     FrameMaskProbabilities,
     sample_training_masks,
     token_mask,
+    ungiven_frames,
 )
 from framework.generation_tasks import SDEdit, prepare_task
 from framework.guidance import guided_model_fn, unconditional_branch
@@ -328,7 +329,12 @@ class VideoDiffusion(L.LightningModule):
             latents.append(fc.latent if fc is not None else torch.zeros_like(noise))
             masks.append(fc.frame_mask if fc is not None else torch.zeros(noise.shape[1], dtype=torch.bool))
         clean = self.patcher.patchify([latent.to(self.device, noise_latents[0].dtype) for latent in latents])
-        given = token_mask(self.patcher, [tuple(n.shape) for n in noise_latents], masks).to(self.device)
+        shapes = [tuple(n.shape) for n in noise_latents]
+        dropped = {i: n for i, n in enumerate(ungiven_frames(self.patcher, shapes, masks)) if n}
+        if dropped:  # a token is given only when all its latent frames are: the others are generated anew
+            log.warning("generate: given latent frames that share a token with frames to generate are generated, not "
+                        "kept (give whole tokens: a multiple of the patcher's frames); {sample: frames}: %s", dropped)
+        given = token_mask(self.patcher, shapes, masks).to(self.device)
         return given, clean.tokens
 
     def _sdedit_start(self, sdedits: list[SDEdit | None] | None, noise_latents: list[Tensor]) -> dict:
