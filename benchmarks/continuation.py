@@ -61,6 +61,8 @@ def context_frames_kept(model: VideoDiffusion, video: torch.Tensor, context: int
     latent = model.compressor.encode(video[None])[0]  # [c, t, h, w]
     t_context = model.compressor.latent_shape(context, video.shape[2], video.shape[3])[0]
     mask = torch.arange(latent.shape[1]) < t_context
+    if model.given_channels(model.frame_embedding, [latent], [mask]) is not None:
+        return t_context  # given as channels: every frame reaches the model, whole tokens or not
     return t_context - ungiven_frames(model.patcher, [tuple(latent.shape)], [mask])[0]
 
 
@@ -70,16 +72,18 @@ def context_loss_gain(model: VideoDiffusion, videos: list[torch.Tensor], caption
     timesteps and noise): how much the given frames help it denoise the rest."""
     denoiser, conditioner = model.sampling_modules()
     marker = model.sampling_frame_marker()
-    clean = model.patcher.patchify([model.compressor.encode(v[None])[0] for v in videos])
+    latents = [model.compressor.encode(v[None])[0] for v in videos]  # [c, t, h, w] each
+    clean = model.patcher.patchify(latents)
     shapes = [tuple(model.compressor.encode(v[None])[0].shape) for v in videos]
     t_context = model.compressor.latent_shape(context, videos[0].shape[2], videos[0].shape[3])[0]
     masks = [torch.arange(shape[1]) < t_context for shape in shapes]
     given = token_mask(model.patcher, shapes, masks)  # [N]
+    channels = model.given_channels(model.sampling_frame_embedding(), latents, masks)  # None without channels
     cond = conditioner(captions)
     plain = lambda x, t: denoiser(x, t, cond)  # noqa: E731
     losses = {"without_context": 0.0, "with_context": 0.0}
     for seed in range(repeats):
-        for key, fn in (("without_context", plain), ("with_context", with_given_tokens(plain, given, clean.tokens, marker))):
+        for key, fn in (("without_context", plain), ("with_context", with_given_tokens(plain, given, clean.tokens, marker, channels))):
             generator = torch.Generator().manual_seed(seed)
             losses[key] += model.sampler.training_loss(fn, clean, generator, loss_mask=~given).mean().item() / repeats
     losses = {k: round(v, 4) for k, v in losses.items()}

@@ -40,7 +40,12 @@ class FrameMaskStrategy(str, enum.Enum):
 @dataclass
 class FrameMaskProbabilities:
     """Relative weights of the training mask strategies (normalised; they need not sum to 1). ``max_k`` caps the
-    number of given latent frames per end for FIRST_K / LAST_K / FIRST_AND_LAST and the span length."""
+    number of given latent frames per end for FIRST_K / LAST_K / FIRST_AND_LAST and the span length.
+
+    ``channels`` also gives the frames as extra input channels: every token gets the given latent values and the
+    per-frame mask of the frames it covers (zeros elsewhere) through a learned projection added to its input, as in
+    the channel-concatenated conditioning of Stable Video Diffusion (Blattmann et al., 2023) and Open-Sora. Unlike
+    token replacement this works inside tokens that cover both given and generated frames (e.g. 8-frame tubes)."""
 
     none: float = 0.4
     first_frame: float = 0.2
@@ -49,6 +54,7 @@ class FrameMaskProbabilities:
     first_and_last: float = 0.1
     random_span: float = 0.1
     max_k: int = 2
+    channels: bool = False
 
     def __post_init__(self) -> None:
         weights = self.weights()
@@ -133,3 +139,13 @@ def ungiven_frames(patcher: Patcher, latent_shapes: list[tuple[int, ...]], frame
     covered = patcher.unpatchify(packed.with_tokens(given[:, None].float().expand_as(packed.tokens)))
     # A frame is kept when every spatial token over it is given (token_mask is the same across space).
     return [int((mask & ~(grid[0].amin(dim=(1, 2)) > 0.5)).sum()) for mask, grid in zip(frame_masks, covered)]
+
+
+def channel_inputs(latents: list[Tensor], frame_masks: list[Tensor]) -> list[Tensor]:
+    """The extra input channels of ``FrameMaskProbabilities.channels``: per sample the latent [c, t, h, w] zeroed on
+    frames not given, and the frame mask as one more channel -> [c + 1, t, h, w]."""
+    inputs = []
+    for latent, mask in zip(latents, frame_masks):
+        given = mask.to(latent.device, latent.dtype)[None, :, None, None].expand(1, *latent.shape[1:])  # [1, t, h, w]
+        inputs.append(torch.cat([latent * given, given], dim=0))  # [c + 1, t, h, w]
+    return inputs

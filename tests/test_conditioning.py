@@ -138,6 +138,37 @@ def test_ungiven_frames_counts_given_frames_lost_to_partly_given_tokens(caplog):
     assert torch.equal(out[0][:, :2], video[:, :2]) and not torch.equal(out[0][:, 2], video[:, 2])
 
 
+def test_frames_given_as_channels_reach_partly_given_tokens_and_are_kept(caplog):
+    """``channels``: given frames enter as projected input channels, so a context inside a token still conditions
+    the model (training moves the zero-initialised projection) and comes out exactly as given, with no warning."""
+    from framework.data.datamodules import SyntheticVideoDataModule
+
+    torch.manual_seed(0)
+    model = VideoDiffusion(
+        PixelCompressor(), SpacetimePatcher(4, 4, 4), DiT(width=32, depth=1, num_heads=2),
+        HashedTextConditioner(width=16, depth=1, num_heads=2), RectifiedFlow(), sampling_steps=2,
+        frame_conditioning=FrameMaskProbabilities(none=0.0, first_frame=1.0, channels=True),
+    )
+    assert model.frame_embedding.channels.in_features == 4 * 4 * 4 * 4  # (3 colour + 1 mask) x the patch
+    batch = next(iter(SyntheticVideoDataModule(num_samples=4, sizes=[(4, 16, 16)], batch_size=4).train_dataloader()))
+    optimizer = torch.optim.Adam(model.trained_modules().parameters(), lr=1e-3)
+    for _ in range(3):  # the zero-initialised output head passes no gradient to the input on the first step
+        loss = model.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert model.frame_embedding.channels.weight.abs().sum() > 0
+    model.eval()
+    video = batch["videos"][0]  # [3, 4, 16, 16]: one temporal token, of which 3 frames are given
+    condition = FrameCondition(video, torch.arange(4) < 3)
+    with caplog.at_level("WARNING"):
+        given_out = model.generate(["x"], [(4, 16, 16)], [0], frame_conditions=[condition])[0]
+    plain_out = model.generate(["x"], [(4, 16, 16)], [0])[0]
+    assert "not kept" not in caplog.text
+    assert torch.equal(given_out[:, :3], video[:, :3])
+    assert not torch.allclose(given_out[:, 3], plain_out[:, 3])  # the generated frame depends on the given ones
+
+
 def test_training_step_with_frame_conditioning_trains_the_marker():
     from framework.data.datamodules import SyntheticVideoDataModule
 

@@ -30,6 +30,7 @@ from framework.data.prompts import PromptRequest
 from framework.frame_conditioning import (
     FrameCondition,
     FrameMaskProbabilities,
+    channel_inputs,
     sample_training_masks,
     token_mask,
     ungiven_frames,
@@ -59,17 +60,31 @@ class PromptRowsFailed(RuntimeError):
 class FrameConditionEmbedding(nn.Module):
     """A learned vector added to the tokens of given (clean) frames, so the denoiser tells them from noisy ones."""
 
-    def __init__(self, token_dim: int) -> None:
+    def __init__(self, token_dim: int, channel_dim: int | None = None) -> None:
         super().__init__()
         # Unit scale like the data: a clear marker from step 0 (the denoiser's input projection is linear, so
         # this is a per-token embedding in its width).
         self.marker = nn.Parameter(torch.randn(token_dim))  # [D]
+        # Given frames as extra channels (FrameMaskProbabilities.channels): concatenating channels before the
+        # denoiser's linear input projection equals adding a linear projection of them, so no denoiser changes.
+        # Zero-initialised: training starts from the plain model.
+        self.channels = nn.Linear(channel_dim, token_dim) if channel_dim is not None else None
+        if self.channels is not None:
+            nn.init.zeros_(self.channels.weight)
+            nn.init.zeros_(self.channels.bias)
 
 
-def with_given_tokens(model_fn: ModelFn, given: Tensor, clean: Tensor, marker: Tensor | None) -> ModelFn:
-    """Feed ``model_fn`` the ``clean`` tokens [N, D] (plus ``marker`` [D]) where ``given`` [N] is True."""
+def with_given_tokens(model_fn: ModelFn, given: Tensor, clean: Tensor, marker: Tensor | None,
+                      channels: Tensor | None = None) -> ModelFn:
+    """Feed ``model_fn`` the ``clean`` tokens [N, D] (plus ``marker`` [D]) where ``given`` [N] is True, and add
+    ``channels`` [N, D] (the projected given-frame channels) to every token when set."""
     marked = clean if marker is None else clean + marker.to(clean.dtype)  # [N, D]
-    return lambda x, t: model_fn(x.with_tokens(torch.where(given[:, None], marked, x.tokens)), t)
+
+    def fn(x: PackedSequence, t: Tensor) -> PackedSequence:
+        tokens = x.tokens if channels is None else x.tokens + channels  # [N, D]
+        return model_fn(x.with_tokens(torch.where(given[:, None], marked, tokens)), t)
+
+    return fn
 
 
 class VideoDiffusion(L.LightningModule):
@@ -129,7 +144,10 @@ class VideoDiffusion(L.LightningModule):
         denoiser.bind(DenoiserIO(token_dim=token_dim, context_dim=conditioner.context_dim,
                                  pooled_dim=conditioner.pooled_dim))
         self.frame_conditioning = frame_conditioning
-        self.frame_embedding = FrameConditionEmbedding(token_dim) if frame_conditioning is not None else None
+        self.frame_embedding = None
+        if frame_conditioning is not None:
+            channel_dim = patcher.token_dim(compressor.latent_channels + 1) if frame_conditioning.channels else None
+            self.frame_embedding = FrameConditionEmbedding(token_dim, channel_dim)
         self._prediction_errors: list[str] = []
         self.ema = (
             AveragedModel(self.trained_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
@@ -188,7 +206,8 @@ class VideoDiffusion(L.LightningModule):
             given = token_mask(self.patcher, [tuple(latent.shape) for latent in latents], masks).to(self.device)
             # Given tokens enter clean and marked, and leave the loss. Also when none is given, so the marker is in
             # every step's graph (DDP requires each parameter to take part in every step).
-            model_fn = with_given_tokens(model_fn, given, clean.tokens, self.frame_embedding.marker)
+            channels = self.given_channels(self.frame_embedding, latents, masks)
+            model_fn = with_given_tokens(model_fn, given, clean.tokens, self.frame_embedding.marker, channels)
             extra["loss_mask"] = ~given
         per_sample = self.sampler.training_loss(model_fn, clean, **extra)  # [B]
         loss = per_sample.mean()
@@ -218,6 +237,21 @@ class VideoDiffusion(L.LightningModule):
         if self.ema is not None:
             return self.ema.module["denoiser"], self.ema.module["conditioner"]
         return self.denoiser, self.conditioner
+
+    def given_channels(self, embedding: FrameConditionEmbedding | None, latents: list[Tensor],
+                       frame_masks: list[Tensor]) -> Tensor | None:
+        """The projected given-frame channels [N, D] for latents [c, t, h, w] and their frame masks [t], or None for
+        a model without ``FrameMaskProbabilities.channels``."""
+        if embedding is None or embedding.channels is None:
+            return None
+        inputs = self.patcher.patchify([x.to(self.device) for x in channel_inputs(latents, frame_masks)])
+        return embedding.channels(inputs.tokens)  # [N, D]
+
+    def sampling_frame_embedding(self) -> FrameConditionEmbedding | None:
+        """The frame-condition embedding generation uses (EMA copy when EMA is on); None without frame conditioning."""
+        if self.frame_embedding is None:
+            return None
+        return self.ema.module["frame_embedding"] if self.ema is not None else self.frame_embedding
 
     def sampling_frame_marker(self) -> Tensor | None:
         """The given-frame marker generation uses (EMA copy when EMA is on); None for a model trained without frame
@@ -291,7 +325,7 @@ class VideoDiffusion(L.LightningModule):
             generator = torch.Generator().manual_seed(seed)  # CPU noise: the same seed gives the same video anywhere
             noise_latents.append(torch.randn(self.compressor.latent_channels, *shape, generator=generator))
         noise = self.patcher.patchify([n.to(self.device) for n in noise_latents])
-        given, given_clean = self._given_tokens(frame_conditions, noise_latents)
+        given, given_clean, channels = self._given_tokens(frame_conditions, noise_latents)
         start_kwargs = self._sdedit_start(sdedits, noise_latents)
         denoiser, conditioner = self.sampling_modules()
         was_training = self.training
@@ -304,21 +338,27 @@ class VideoDiffusion(L.LightningModule):
                 null = unconditional_branch(conditioner, len(captions), negative_prompts) if scale != 1.0 else None
                 model_fn = guided_model_fn(denoiser, cond, null, scale, rescale)
                 if given is not None:
-                    model_fn = with_given_tokens(model_fn, given, given_clean, self.sampling_frame_marker())
+                    model_fn = with_given_tokens(model_fn, given, given_clean, self.sampling_frame_marker(), channels)
                 clean = self.sampler.sample(model_fn, noise, steps, **start_kwargs)
             if given is not None:  # given frames come out exactly as given
                 clean = clean.with_tokens(torch.where(given[:, None], given_clean, clean.tokens))
         finally:
             self.train(was_training)
         latents = self.patcher.unpatchify(clean)
+        if channels is not None:  # the model saw every given frame, also inside partly given tokens: keep them all
+            for i, fc in enumerate(frame_conditions):
+                if fc is not None:
+                    keep = fc.frame_mask.to(self.device)[None, :, None, None]  # [1, t, 1, 1]
+                    latents[i] = torch.where(keep, fc.latent.to(latents[i]), latents[i])
         return [v.float().cpu() for v in self.compressor.decode_list(latents)]
 
     def _given_tokens(
         self, frame_conditions: list[FrameCondition | None] | None, noise_latents: list[Tensor]
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """(given [N] bool, clean tokens [N, D]) for the frame conditions, or (None, None) without any."""
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(given [N] bool, clean tokens [N, D], projected given-frame channels [N, D] or None) for the frame
+        conditions, or (None, None, None) without any."""
         if frame_conditions is None or all(fc is None for fc in frame_conditions):
-            return None, None
+            return None, None, None
         if len(frame_conditions) != len(noise_latents):
             raise ValueError(f"generate: got {len(frame_conditions)} frame conditions for {len(noise_latents)} samples")
         latents, masks = [], []
@@ -330,12 +370,13 @@ class VideoDiffusion(L.LightningModule):
             masks.append(fc.frame_mask if fc is not None else torch.zeros(noise.shape[1], dtype=torch.bool))
         clean = self.patcher.patchify([latent.to(self.device, noise_latents[0].dtype) for latent in latents])
         shapes = [tuple(n.shape) for n in noise_latents]
+        channels = self.given_channels(self.sampling_frame_embedding(), latents, masks)
         dropped = {i: n for i, n in enumerate(ungiven_frames(self.patcher, shapes, masks)) if n}
-        if dropped:  # a token is given only when all its latent frames are: the others are generated anew
+        if dropped and channels is None:  # a token is given only when all its latent frames are: the others are generated anew
             log.warning("generate: given latent frames that share a token with frames to generate are generated, not "
                         "kept (give whole tokens: a multiple of the patcher's frames); {sample: frames}: %s", dropped)
         given = token_mask(self.patcher, shapes, masks).to(self.device)
-        return given, clean.tokens
+        return given, clean.tokens, channels
 
     def _sdedit_start(self, sdedits: list[SDEdit | None] | None, noise_latents: list[Tensor]) -> dict:
         """Keyword arguments that make the sampler start from the SDEdit inputs ({} without any)."""
