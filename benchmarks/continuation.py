@@ -6,9 +6,15 @@ Each held-out clip (``SyntheticMovingShapes`` with a seed the models never train
 (the given ones are left out, so copying them earns nothing). Compared side by side, same clips and seeds:
 
 * ``conditioned``: the quickstart recipe trained with frame conditioning (configs/quickstart_frames.yaml);
+* ``conditioned_text_only``: the same model generating from the caption alone (what the given frames add);
 * ``baseline_replacement``: the plain quickstart model (configs/quickstart.yaml), given the same frames by
   replacement only (Ho et al. 2022's "replacement" method: it never saw given frames in training);
 * ``baseline_text_only``: the plain quickstart model generating from the caption alone.
+
+A token is given only when every frame it covers is given, so the default context (4 frames) is one temporal token
+of a 4x4x4 patch; a model with 8-frame tubes keeps no context frames by replacement (``context_latent_frames_kept``
+in the report says how many each model received) unless it was trained with the frames as channels
+(``frame_conditioning.channels``), which reach tokens of any temporal size.
 
 With the empty caption (``caption: empty``) colour and direction can only come from the given frames, so the text-only
 baseline is at chance (1/6 colours, 1/4 directions); with the true caption (``caption: true``) text alone already
@@ -118,8 +124,8 @@ def main() -> None:
     held_out = SyntheticMovingShapes(num_samples=args.clips, sizes=[(args.frames, 16, 16)], seed=987654)
     specs = [held_out.spec(i) for i in range(args.clips)]
     videos = [render_clip(spec) for spec in specs]  # [3, T, 16, 16] each
-    runs = {"conditioned": (conditioned, True), "baseline_replacement": (baseline, True),
-            "baseline_text_only": (baseline, False)}
+    runs = {"conditioned": (conditioned, True), "conditioned_text_only": (conditioned, False),
+            "baseline_replacement": (baseline, True), "baseline_text_only": (baseline, False)}
     results: dict[str, dict] = {}
     for caption_mode in ("empty", "true"):
         captions = [""] * len(specs) if caption_mode == "empty" else [spec.caption for spec in specs]
