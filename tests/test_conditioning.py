@@ -269,13 +269,13 @@ def test_predict_cli_writes_good_rows_records_bad_ones_and_fails(media, monkeypa
     with pytest.raises(RuntimeError, match=r"prompts.jsonl:2.*'strength'"):
         cli_main(["predict", "-c", str(config), "--data.init_args.prompts.file=prompts.jsonl",
                   "--data.init_args.prompts.captions=[]",
-                  "--data.init_args.prompts.frames=4", "--model.init_args.sampling_steps=2", "--trainer.logger=false",
+                  "--data.init_args.prompts.frames=8", "--model.init_args.sampling_steps=2", "--trainer.logger=false",
                   f"--trainer.callbacks.output_dir={out_dir}", "--trainer.enable_progress_bar=false",
                   "--trainer.enable_model_summary=false"])
     rows = [json.loads(line) for line in (out_dir / "index.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and "error" not in rows[0] and "'strength'" in rows[1]["error"]
     video, _ = read_video(out_dir / next(f for f in rows[0]["files"] if f.endswith(".mp4")))
-    assert video.shape[1] == 4
+    assert video.shape[1] == 8  # the config's 8-frame tubes; the 2 given frames inside the first reach it as channels
 
 
 @pytest.mark.parametrize("denoiser_name", ["STDiT", "MMDiT"])
