@@ -75,7 +75,8 @@ def context_frames_kept(model: VideoDiffusion, video: torch.Tensor, context: int
 def context_loss_gain(model: VideoDiffusion, videos: list[torch.Tensor], captions: list[str], context: int,
                       repeats: int = 4) -> dict:
     """The model's own training loss on the frames after the context, with the context given vs not given (same
-    timesteps and noise): how much the given frames help it denoise the rest."""
+    timesteps and noise): how much the given frames help it denoise the rest. Tokens that hold both given and
+    generated frames (8-frame tubes with ``channels``) stay in the loss, given frames included."""
     denoiser, conditioner = model.sampling_modules()
     marker = model.sampling_frame_marker()
     latents = [model.compressor.encode(v[None])[0] for v in videos]  # [c, t, h, w] each
