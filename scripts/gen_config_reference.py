@@ -56,10 +56,12 @@ def yaml_default(value: object) -> str:
 
 
 def enum_choices(hint: object) -> list[str]:
-    """Member names of an enum type, also inside ``X | None``; empty for anything else."""
-    for candidate in (hint, *typing.get_args(hint)):
-        if isinstance(candidate, type) and issubclass(candidate, enum.Enum):
-            return [member.name for member in candidate]
+    """Member names of an enum type, also inside ``X | None`` or ``list[X] | None``; empty for anything else."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return [member.name for member in hint]
+    for candidate in typing.get_args(hint):
+        if choices := enum_choices(candidate):
+            return choices
     return []
 
 

@@ -31,12 +31,18 @@ from framework.data.synthetic import SyntheticMovingShapes
 
 
 def collate_videos(samples: list[dict]) -> dict:
-    """-> {"videos": list of [C, T, H, W], "captions": list[str], "ids": list[str], "fps": list[float]}."""
+    """-> {"videos": list of [C, T, H, W], "captions": list[str], "ids": list[str], "fps": list[float],
+    "original_sizes": list of (height, width)}.
+
+    ``fps`` and ``original_sizes`` are the micro-conditions (``framework/micro_conditions.py``): the clip's frame rate
+    and the source's size before resize and crop; a sample without ``"original_size"`` was not resized, so its
+    original size is its own."""
     return {
         "videos": [s["video"] for s in samples],
         "captions": [s["caption"] for s in samples],
         "ids": [s["id"] for s in samples],
         "fps": [float(s["fps"]) for s in samples],
+        "original_sizes": [tuple(int(v) for v in s.get("original_size") or s["video"].shape[-2:]) for s in samples],
     }
 
 

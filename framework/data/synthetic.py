@@ -268,5 +268,6 @@ class SyntheticMovingShapes(Dataset):
             "caption": spec.caption,
             "id": f"synthetic-{self.seed}-{i}",
             "fps": self.fps,
+            "original_size": (spec.height, spec.width),  # rendered at its size: no resize, no crop
             "spec": spec,
         }
