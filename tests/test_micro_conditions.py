@@ -228,6 +228,23 @@ def test_synthetic_batches_carry_fps_and_size_into_the_denoiser() -> None:
         tiny_model().training_step(batch, 0)
 
 
+def test_synthetic_frame_rates_keep_the_speed_in_pixels_per_second() -> None:
+    """With frame_rates [4, 8] (speed 1 px/frame at 8 fps) a 4 fps sample moves 2 px/frame, an 8 fps one 1."""
+    data = SyntheticVideoDataModule(num_samples=8, sizes=[(6, 20, 20), (4, 20, 20)], speed=1, fps=8.0,
+                                    frame_rates=[4.0, 8.0], batch_size=8)
+    batch = next(iter(data.train_dataloader()))  # one shape per batch, both rates in it
+    assert sorted(batch["fps"]) == [4.0, 4.0, 8.0, 8.0]
+    combos = [(data.dataset.shape_of(i), data.dataset[i]["fps"]) for i in range(8)]
+    assert len(set(combos)) == 4  # every size meets every rate
+    for i in range(8):
+        spec, item = data.dataset.spec(i), data.dataset[i]
+        assert spec.speed == {4.0: 2, 8.0: 1}[item["fps"]]
+        (x0, y0), (x1, y1) = spec.position(0), spec.position(1)
+        assert abs(x1 - x0) + abs(y1 - y0) == spec.speed
+    with pytest.raises(ValueError, match="frame_rates entry 3.0"):
+        SyntheticVideoDataModule(sizes=[(4, 20, 20)], fps=8.0, frame_rates=[3.0])
+
+
 def test_manifest_samples_carry_the_native_size_and_clip_rate(tmp_path) -> None:
     """A 48x48 clip and a 40x40 still, both resized into 16x16 buckets: the original size is the file's."""
     write_numbered_mp4(tmp_path / "clip.mp4", 12, 48, 48, fps=12)

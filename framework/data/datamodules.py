@@ -69,6 +69,8 @@ class SyntheticVideoDataModule(GenerationDataModule):
     """The embedded default: coloured shapes moving in named directions, several sizes, aspect ratios and lengths.
 
     Batches hold one shape each (``batch_size`` samples); set ``tokens_per_batch`` to pack mixed shapes instead.
+    ``frame_rates`` gives samples several frame rates at the same speed in pixels per second (``speed`` is pixels
+    per frame at ``fps``), for the fps micro-condition.
     """
 
     def __init__(
@@ -84,9 +86,11 @@ class SyntheticVideoDataModule(GenerationDataModule):
         prompts: Prompts | None = None,
         tokens_per_batch: int | None = None,
         geometry: TokenGeometry | None = None,
+        frame_rates: Sequence[float] | None = None,
     ) -> None:
         super().__init__(prompts)
-        self.dataset = SyntheticMovingShapes(num_samples, [tuple(s) for s in sizes], object_size, speed, seed, fps)
+        self.dataset = SyntheticMovingShapes(num_samples, [tuple(s) for s in sizes], object_size, speed, seed, fps,
+                                             frame_rates)
         self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
         self.tokens_per_batch, self.geometry = tokens_per_batch, geometry or TokenGeometry()
 
