@@ -26,6 +26,7 @@ import argparse
 import json
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def main() -> None:
         commit = ""
     output = {
         "benchmark": "micro_conditions",
-        "command": "OMP_NUM_THREADS=1 python benchmarks/micro_conditions.py",
+        "command": " ".join(["OMP_NUM_THREADS=1 python benchmarks/micro_conditions.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "device": "cpu"},
         "commit": commit,
