@@ -8,7 +8,6 @@ RMS-normalised queries and keys, which keep attention logits bounded at high lea
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
