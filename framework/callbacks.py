@@ -42,5 +42,5 @@ class VideoWriter(BasePredictionWriter):
                 if self.frame_grid:
                     files.append(write_frame_grid(self.output_dir / f"{r.name}.png", item.video, self.upscale))
                 row = {"index": r.index, "caption": r.caption, "frames": r.frames, "height": r.height,
-                       "width": r.width, "seed": r.seed, "files": [f.name for f in files]}
+                       "width": r.width, "seed": r.seed, "fps": item.fps, "files": [f.name for f in files]}
                 index.write(json.dumps(row) + "\n")

@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from framework.micro_conditions import MicroCondition, MicroConditions
 from framework.packing import PackedSequence
 
 
@@ -108,25 +109,42 @@ class Patcher(nn.Module, ABC):
 # ------------------------------------------------------------------------------------------------- conditioner
 @dataclass
 class Conditioning:
-    """What a denoiser is conditioned on, per sample."""
+    """What a denoiser is conditioned on, per sample.
+
+    The conditioner builds the caption part; ``micro_conditions`` (frame rate, original size; see
+    ``framework/micro_conditions.py``) are properties of the clip, not of the caption, so ``VideoDiffusion`` attaches
+    them (``with_micro_conditions``) from the training batch or the prompt -- only when the denoiser lists some in
+    ``Denoiser.micro_conditions``, and the same values on the guided and unguided branch of classifier-free guidance.
+    """
 
     context: Tensor  # [B, L, context_dim] token features (e.g. text encoder outputs)
     context_mask: Tensor  # [B, L] bool, True for real tokens; every row has at least one
     pooled: Tensor  # [B, pooled_dim] one vector per sample (goes into adaLN with the timestep)
+    micro_conditions: MicroConditions | None = None  # per-sample fps and original size, [B] each
 
     @property
     def batch_size(self) -> int:
         return self.context.shape[0]
+
+    def with_micro_conditions(self, values: MicroConditions) -> Conditioning:
+        if values.batch_size != self.batch_size:
+            raise ValueError(f"micro-conditions for {values.batch_size} samples given to a Conditioning of "
+                             f"{self.batch_size}")
+        return replace(self, micro_conditions=values)
 
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:
         """Concatenate along the batch, padding the context length (used to batch guided and unguided passes)."""
         length = max(c.context.shape[1] for c in items)
         pad = lambda x, value: nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, length - x.shape[1]), value=value)
+        with_micro = [c.micro_conditions is not None for c in items]
+        if any(with_micro) and not all(with_micro):
+            raise ValueError("Conditioning.cat: some items carry micro-conditions and some do not")
         return Conditioning(
             torch.cat([pad(c.context, 0.0) for c in items]),
             torch.cat([pad(c.context_mask, False) for c in items]),
             torch.cat([c.pooled for c in items]),
+            MicroConditions.cat([c.micro_conditions for c in items]) if all(with_micro) else None,
         )
 
 
@@ -168,7 +186,12 @@ class Denoiser(nn.Module, ABC):
 
     ``bind`` is called once by the training/inference module with the sizes of the neighbouring plugins; it builds
     the input and output projections, so changing the patch size or text encoder is a one-line config change.
+
+    ``micro_conditions`` lists the per-sample scalars (fps, original height and width) the denoiser reads from
+    ``Conditioning.micro_conditions``; when it is non-empty the caller must attach them (VideoDiffusion does).
     """
+
+    micro_conditions: tuple[MicroCondition, ...] = ()
 
     @abstractmethod
     def bind(self, io: DenoiserIO) -> None: ...

@@ -56,12 +56,15 @@ def yaml_default(value: object) -> str:
 
 
 def enum_choices(hint: object) -> list[str]:
-    """Member names of an enum type or the values of a ``Literal``, also inside ``X | None``; else empty."""
+    """Member names of an enum type or the values of a ``Literal``, also inside ``X | None`` or ``list[X] | None``;
+    empty for anything else."""
     if typing.get_origin(hint) is typing.Literal:
         return [str(value) for value in typing.get_args(hint)]
-    for candidate in (hint, *typing.get_args(hint)):
-        if isinstance(candidate, type) and issubclass(candidate, enum.Enum):
-            return [member.name for member in candidate]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return [member.name for member in hint]
+    for candidate in typing.get_args(hint):
+        if choices := enum_choices(candidate):
+            return choices
     return []
 
 

@@ -31,12 +31,18 @@ from framework.data.synthetic import SyntheticMovingShapes
 
 
 def collate_videos(samples: list[dict]) -> dict:
-    """-> {"videos": list of [C, T, H, W], "captions": list[str], "ids": list[str], "fps": list[float]}."""
+    """-> {"videos": list of [C, T, H, W], "captions": list[str], "ids": list[str], "fps": list[float],
+    "original_sizes": list of (height, width)}.
+
+    ``fps`` and ``original_sizes`` are the micro-conditions (``framework/micro_conditions.py``): the clip's frame rate
+    and the source's size before resize and crop; a sample without ``"original_size"`` was not resized, so its
+    original size is its own."""
     return {
         "videos": [s["video"] for s in samples],
         "captions": [s["caption"] for s in samples],
         "ids": [s["id"] for s in samples],
         "fps": [float(s["fps"]) for s in samples],
+        "original_sizes": [tuple(int(v) for v in s.get("original_size") or s["video"].shape[-2:]) for s in samples],
     }
 
 
@@ -63,6 +69,8 @@ class SyntheticVideoDataModule(GenerationDataModule):
     """The embedded default: coloured shapes moving in named directions, several sizes, aspect ratios and lengths.
 
     Batches hold one shape each (``batch_size`` samples); set ``tokens_per_batch`` to pack mixed shapes instead.
+    ``frame_rates`` gives samples several frame rates at the same speed in pixels per second (``speed`` is pixels
+    per frame at ``fps``), for the fps micro-condition.
     """
 
     def __init__(
@@ -78,9 +86,11 @@ class SyntheticVideoDataModule(GenerationDataModule):
         prompts: Prompts | None = None,
         tokens_per_batch: int | None = None,
         geometry: TokenGeometry | None = None,
+        frame_rates: Sequence[float] | None = None,
     ) -> None:
         super().__init__(prompts)
-        self.dataset = SyntheticMovingShapes(num_samples, [tuple(s) for s in sizes], object_size, speed, seed, fps)
+        self.dataset = SyntheticMovingShapes(num_samples, [tuple(s) for s in sizes], object_size, speed, seed, fps,
+                                             frame_rates)
         self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
         self.tokens_per_batch, self.geometry = tokens_per_batch, geometry or TokenGeometry()
 

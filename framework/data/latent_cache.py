@@ -5,7 +5,8 @@ data module (``data``) from a training config, encodes every sample of the data 
 
     DIR/cache.json                 what made the cache: compressor config + weights fingerprint, sample count
     DIR/shard_00000.safetensors    latents [c, t, h, w] (float32), one tensor per sample, keyed by sample index
-    DIR/index.jsonl                one line per cached sample: index, id, caption, fps, shard, latent shape
+    DIR/index.jsonl                one line per cached sample: index, id, caption, fps, original size, shard,
+                                   latent shape
 
 Resumable: a shard file is written atomically and its index lines are appended only afterwards, so after an
 interruption the samples in the index are complete and the rest are encoded again (a shard file the index never
@@ -15,8 +16,10 @@ Resuming with another compressor (different config or weights) fails instead of 
 Samples are encoded one at a time, so a cached latent is bit-identical to ``compressor.encode(video[None])[0]``.
 Random data augmentation (e.g. random clip windows) is frozen at cache time: one view per sample index.
 
-``CachedLatentDataModule`` serves the cache: batches ``{"latents": [c, t, h, w] list, "captions", "ids", "fps"}``,
-grouped by latent shape, and ``predict`` from prompts like every data module.
+``CachedLatentDataModule`` serves the cache: batches ``{"latents": [c, t, h, w] list, "captions", "ids", "fps",
+"original_sizes"}`` (the last two are the micro-conditions), grouped by latent shape, and ``predict`` from prompts like
+every data module. A cache written before original sizes were recorded serves the decoded size instead (latent
+size times the compressor's spatial factor: the clip as if it had not been resized).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class CachedSample:
     fps: float
     shard: str
     latent_shape: tuple[int, int, int, int]
+    original_size: tuple[int, int] | None = None  # (height, width) before resize and crop; None in older caches
 
 
 @dataclass
@@ -91,8 +95,10 @@ class CacheIndex:
                 continue
             try:
                 row = json.loads(line)
+                original = row.get("original_size")
                 sample = CachedSample(int(row["index"]), str(row["id"]), str(row["caption"]), float(row["fps"]),
-                                      str(row["shard"]), tuple(int(s) for s in row["latent_shape"]))
+                                      str(row["shard"]), tuple(int(s) for s in row["latent_shape"]),
+                                      None if original is None else (int(original[0]), int(original[1])))
             except (ValueError, KeyError, TypeError):
                 corrupt += 1
                 continue
@@ -104,7 +110,8 @@ class CacheIndex:
 
 
 class LatentCacheDataset(Dataset):
-    """Map-style dataset over a latent cache directory: item ``i`` -> {"latent", "caption", "id", "fps"}."""
+    """Map-style dataset over a latent cache directory: item ``i`` -> {"latent", "caption", "id", "fps",
+    "original_size"}."""
 
     def __init__(self, directory: str | os.PathLike[str], max_open_shards: int = 4) -> None:
         self.directory = Path(directory)
@@ -138,16 +145,23 @@ class LatentCacheDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
         latent = self._shard(sample.shard)[str(sample.index)]  # [c, t, h, w]
-        return {"latent": latent, "caption": sample.caption, "id": sample.id, "fps": sample.fps}
+        original = sample.original_size
+        if original is None:  # an older cache: the decoded size
+            factor = int(self.metadata.get("spatial_factor", 1))
+            original = (latent.shape[-2] * factor, latent.shape[-1] * factor)
+        return {"latent": latent, "caption": sample.caption, "id": sample.id, "fps": sample.fps,
+                "original_size": original}
 
 
 def collate_latents(samples: list[dict]) -> dict:
-    """-> {"latents": list of [c, t, h, w], "captions": list[str], "ids": list[str], "fps": list[float]}."""
+    """-> {"latents": list of [c, t, h, w], "captions": list[str], "ids": list[str], "fps": list[float],
+    "original_sizes": list of (height, width)}."""
     return {
         "latents": [s["latent"] for s in samples],
         "captions": [s["caption"] for s in samples],
         "ids": [s["id"] for s in samples],
         "fps": [float(s["fps"]) for s in samples],
+        "original_sizes": [tuple(s["original_size"]) for s in samples],
     }
 
 
@@ -223,7 +237,8 @@ def write_latent_cache(
     max_samples: int | None = None,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Encode ``dataset`` items ({"video", "caption", "id", "fps"}) into ``output``; resumes an existing cache.
+    """Encode ``dataset`` items ({"video", "caption", "id", "fps", optional "original_size"}) into ``output``;
+    resumes an existing cache (an item without "original_size" records its own size).
 
     Returns counts: ``cached`` (now in the cache), ``encoded`` (this call), ``skipped`` (already cached) and
     ``corrupt_index_lines`` (unreadable index lines found, their samples re-encoded)."""
@@ -268,8 +283,10 @@ def write_latent_cache(
             with torch.no_grad():
                 latent = compressor.encode(item["video"][None].to(device))[0].float().cpu()  # [c, t, h, w]
             tensors[str(i)] = latent.contiguous()
+            original = item.get("original_size") or item["video"].shape[-2:]
             rows.append({"index": i, "id": str(item["id"]), "caption": item["caption"], "fps": float(item["fps"]),
-                         "shard": name, "latent_shape": list(latent.shape)})
+                         "original_size": [int(original[0]), int(original[1])], "shard": name,
+                         "latent_shape": list(latent.shape)})
             bar.update(1)
         _atomic_save(tensors, output / name)
         index_path = output / INDEX_FILE

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from framework.data.buckets import Bucket, BucketGrid, resize_crop_plan
+from framework.micro_conditions import STILL_IMAGE_FPS
 from framework.video_io import (
     _AVCOL_BT709,
     _SWS_FLAGS,
@@ -354,10 +355,14 @@ class SampleInfo:
     native_frames: int
     native_fps: float  # 0.0 for images
     bucket: Bucket
+    native_height: int  # the file's size before resize and crop (the original-size micro-condition)
+    native_width: int
 
 
 class ManifestVideoDataset(Dataset):
-    """Samples of a manifest at their bucket's size: ``{"video": [3, T, H, W], "caption", "id", "fps", "skipped"}``.
+    """Samples of a manifest at their bucket's size: ``{"video": [3, T, H, W], "caption", "id", "fps",
+    "original_size", "skipped"}`` (``fps``: the clip's rate after resampling, 0 for images; ``original_size``: the
+    file's (height, width) before resize and crop -- the micro-conditions).
 
     Building it probes rows without full metadata, drops rows no bucket fits and records every left-out file in
     ``skipped``. A file that fails later, while decoding, is replaced by the next good sample of its bucket and
@@ -401,7 +406,7 @@ class ManifestVideoDataset(Dataset):
         bucket = self.grid.assign(usable, int(height), int(width))
         if isinstance(bucket, str):
             return bucket
-        return SampleInfo(row, int(frames), 0.0 if row.is_image else float(fps), bucket)
+        return SampleInfo(row, int(frames), 0.0 if row.is_image else float(fps), bucket, int(height), int(width))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -415,7 +420,7 @@ class ManifestVideoDataset(Dataset):
         """Decode sample ``index`` at ``bucket``'s size -> (video [3, T, H, W], clip fps)."""
         info = self.samples[index]
         if info.row.is_image:
-            return load_image(info.row.path, bucket), 0.0
+            return load_image(info.row.path, bucket), STILL_IMAGE_FPS
         step = self.clip.step_s(info.native_fps)
         start = self.clip.start_s(info.native_frames, info.native_fps, bucket.frames, rng)
         return decode_clip(info.row.path, bucket, start, step), 1.0 / step
@@ -437,7 +442,7 @@ class ManifestVideoDataset(Dataset):
                 continue
             info = self.samples[candidate]
             return {"video": video, "caption": rng.choice(info.row.captions), "id": info.row.name, "fps": fps,
-                    "skipped": skipped}
+                    "original_size": (info.native_height, info.native_width), "skipped": skipped}
         raise RuntimeError(f"no decodable sample left for bucket {bucket.shape}: "
                            + "; ".join(f"{s.path}: {s.reason}" for s in skipped))
 

@@ -2,14 +2,17 @@
 
 A JSONL prompts file can also ask for a generation task other than text-to-video (see ``GenerationTask`` and
 docs/conditioning.md): each row may give ``task``, ``image``, ``video``, ``video_end``, ``context_frames``,
-``strength`` and ``guidance``. A row whose fields are wrong (an unknown task, a strength outside [0, 1], a missing
-path) becomes a request carrying an ``error`` that names the row and the field; the other rows still run.
+``strength`` and ``guidance``, and the micro-conditions ``fps``, ``original_height`` and ``original_width``
+(``framework/micro_conditions.py``). A row whose fields are wrong (an unknown task, a strength outside [0, 1], a
+missing path, an fps that is not a number > 0) becomes a request carrying an ``error`` that names the row and the
+field; the other rows still run.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +26,12 @@ class Prompts:
     """Prompts for generation. ``file`` is a text file with one caption per line or a JSONL file whose rows hold a
     ``caption`` and optionally ``frames``, ``height``, ``width``, ``seed``, ``negative_prompt``; its rows come after
     ``captions``. ``negative_prompt`` applies to every prompt that does not set its own (classifier-free guidance
-    steers away from it instead of from the empty caption)."""
+    steers away from it instead of from the empty caption).
+
+    ``fps``, ``original_height`` and ``original_width`` are the micro-conditions of every prompt that does not set its
+    own: the frame rate the clip is asked for (default: the model's ``output_fps``; it is also the written file's
+    rate) and the "original" size (default: the requested size). They matter for a denoiser configured with
+    ``micro_conditions``."""
 
     captions: list[str] = field(default_factory=list)
     file: Path | None = None
@@ -34,6 +42,15 @@ class Prompts:
     samples_per_prompt: int = 1
     negative_prompt: str = ""
     extension: PromptExtension | None = None  # rewrite short prompts into descriptive captions before generating
+    fps: float | None = None
+    original_height: int | None = None
+    original_width: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("fps", "original_height", "original_width"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_number(value, integer=name != "fps", what=f"prompts.{name}")
 
 
 class GenerationTask(str, enum.Enum):
@@ -74,8 +91,16 @@ class PromptRequest:
     context_frames: int = 1  # frames taken from each given video (extension, interpolation)
     strength: float = 0.6  # SDEdit: the noise level the given video starts from, in [0, 1]
     guidance: float | None = None  # overrides the model's guidance scale for this prompt
+    fps: float | None = None  # micro-condition and output frame rate; None: the model's output_fps
+    original_height: int | None = None  # size micro-condition; None: the requested height
+    original_width: int | None = None  # size micro-condition; None: the requested width
     source: str = ""  # where the prompt came from (``file:line`` or ``captions[i]``), for error messages
     error: str | None = None  # set for a row that cannot run; it is reported instead of generated
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """(height, width) the size micro-condition asks for."""
+        return (self.original_height or self.height, self.original_width or self.width)
 
     @property
     def name(self) -> str:
@@ -108,6 +133,7 @@ def load_prompt_requests(prompts: Prompts) -> list[PromptRequest]:
                 )
             )
             _apply_task_fields(requests[-1], row, base_dir=Path(prompts.file).parent if prompts.file else Path("."))
+            _apply_micro_condition_fields(requests[-1], row, prompts)
     if prompts.extension is not None:
         for r, caption in zip(requests, prompts.extension.extend([r.caption for r in requests])):
             r.caption = caption
@@ -149,6 +175,33 @@ def _apply_task_fields(request: PromptRequest, row: dict, base_dir: Path) -> Non
             request.guidance = float(row["guidance"])
     except (TypeError, ValueError) as err:
         request.error = f"{where}: {err}"
+
+
+def _positive_number(value: object, integer: bool, what: str) -> float:
+    """``value`` as a finite number > 0 (a whole one if ``integer``); else ValueError naming ``what``."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0 or (integer and number != int(number)):
+        kind = "a whole number" if integer else "a number"
+        raise ValueError(f"{what}: must be {kind} > 0, got {value!r}")
+    return number
+
+
+def _apply_micro_condition_fields(request: PromptRequest, row: dict, prompts: Prompts) -> None:
+    """Fill ``fps``, ``original_height`` and ``original_width`` from ``row`` (else from ``prompts``); a bad row
+    value sets ``request.error`` naming the row and the field."""
+    if request.error is not None:
+        return
+    try:
+        for name in ("fps", "original_height", "original_width"):
+            value = row[name] if row.get(name) is not None else getattr(prompts, name)
+            if value is not None:
+                number = _positive_number(value, integer=name != "fps", what=f"field {name!r}")
+                setattr(request, name, number if name == "fps" else int(number))
+    except ValueError as err:
+        request.error = f"prompt row {request.source or request.index}: {err}"
 
 
 def _read_prompt_file(path: Path) -> list[dict]:

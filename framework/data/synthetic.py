@@ -200,6 +200,11 @@ class SyntheticMovingShapes(Dataset):
     Sample ``i`` depends only on ``(seed, i)``: its RNG is seeded from a string (hashed with SHA-512
     by ``random.Random``, not the per-process ``hash()``), so results are identical across processes,
     workers and access orders.
+
+    ``speed`` is in pixels per frame at ``fps``. With ``frame_rates``, samples cycle through those rates (every
+    size with every rate) and the object keeps its speed in pixels per *second*: at rate ``r`` it moves
+    ``speed * fps / r`` pixels per frame, which must be a whole number. The same caption then shows different motion
+    per frame at different rates -- what the fps micro-condition (``framework/micro_conditions.py``) is for.
     """
 
     def __init__(
@@ -210,6 +215,7 @@ class SyntheticMovingShapes(Dataset):
         speed: int = 1,
         seed: int = 0,
         fps: float = 8.0,
+        frame_rates: Sequence[float] | None = None,
     ) -> None:
         if not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -220,6 +226,14 @@ class SyntheticMovingShapes(Dataset):
             raise ValueError(f"speed must be a positive int, got {speed!r}")
         if not fps > 0:
             raise ValueError(f"fps must be positive, got {fps!r}")
+        frame_rates = tuple(float(r) for r in frame_rates) if frame_rates else (float(fps),)
+        pixel_steps = []  # pixels per frame at each rate
+        for rate in frame_rates:
+            step = speed * fps / rate if rate > 0 else 0.0
+            if not rate > 0 or abs(step - round(step)) > 1e-9 or round(step) < 1:
+                raise ValueError(f"frame_rates entry {rate!r}: the object would move speed * fps / rate = "
+                                 f"{speed} * {fps} / {rate} pixels per frame; that must be a whole number >= 1")
+            pixel_steps.append(int(round(step)))
         sizes = tuple(tuple(s) for s in sizes)
         if not sizes:
             raise ValueError("sizes must contain at least one (frames, height, width) triple")
@@ -227,12 +241,12 @@ class SyntheticMovingShapes(Dataset):
             if len(size) != 3 or not all(isinstance(v, int) and v >= 1 for v in size):
                 raise ValueError(f"sizes entry {size!r} must be three positive ints (frames, height, width)")
             frames, height, width = size
-            need = (frames - 1) * speed + object_size
+            need = (frames - 1) * max(pixel_steps) + object_size
             # Direction is random per sample, so both axes must fit the full travel.
             if height < need or width < need:
                 raise ValueError(
                     f"sizes entry {size!r} is too small: object_size={object_size} travelling "
-                    f"{(frames - 1) * speed} px needs height and width >= {need}"
+                    f"{(frames - 1) * max(pixel_steps)} px needs height and width >= {need}"
                 )
         self.num_samples = num_samples
         self.sizes: tuple[tuple[int, int, int], ...] = sizes  # type: ignore[assignment]
@@ -240,6 +254,7 @@ class SyntheticMovingShapes(Dataset):
         self.speed = speed
         self.seed = seed
         self.fps = float(fps)
+        self.frame_rates, self.pixel_steps = frame_rates, tuple(pixel_steps)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -253,12 +268,20 @@ class SyntheticMovingShapes(Dataset):
         """(frames, height, width) of sample ``i`` without rendering -- for size-bucketing samplers."""
         return self.sizes[self._index(i) % len(self.sizes)]
 
+    def _rate_index(self, i: int) -> int:
+        """Which of ``frame_rates`` sample ``i`` has: cycles so that every size meets every rate."""
+        return (self._index(i) // len(self.sizes)) % len(self.frame_rates)
+
+    def fps_of(self, i: int) -> float:
+        """Frame rate of sample ``i``."""
+        return self.frame_rates[self._rate_index(i)]
+
     def spec(self, i: int) -> ClipSpec:
         """The ClipSpec of sample ``i``; cheap, so benchmarks can get ground truth without pixels."""
         i = self._index(i)
         frames, height, width = self.sizes[i % len(self.sizes)]
         rng = random.Random(f"kinetoscope-synthetic:{self.seed}:{i}")
-        return sample_spec(rng, frames, height, width, self.object_size, self.speed)
+        return sample_spec(rng, frames, height, width, self.object_size, self.pixel_steps[self._rate_index(i)])
 
     def __getitem__(self, i: int) -> dict:
         i = self._index(i)
@@ -267,6 +290,7 @@ class SyntheticMovingShapes(Dataset):
             "video": render_clip(spec),  # [3, T, H, W] in [-1, 1]
             "caption": spec.caption,
             "id": f"synthetic-{self.seed}-{i}",
-            "fps": self.fps,
+            "fps": self.fps_of(i),
+            "original_size": (spec.height, spec.width),  # rendered at its size: no resize, no crop
             "spec": spec,
         }

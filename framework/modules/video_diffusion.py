@@ -10,6 +10,10 @@ Patcher.unpatchify -> Compressor.decode.
 With ``frame_conditioning`` set, training gives each sample clean latent frames drawn by a mask strategy
 (``framework.frame_conditioning``), and generation takes given frames (image-to-video, extension, interpolation)
 or a video to edit (SDEdit); prompt rows choose the task (``framework.generation_tasks``).
+
+A denoiser with ``micro_conditions`` gets each sample's frame rate and original size attached to its Conditioning:
+from the batch's ``"fps"`` and ``"original_sizes"`` in training, from the prompt (default: ``output_fps`` and the
+requested size) in generation, the same on both guidance branches (``framework.micro_conditions``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from framework.frame_conditioning import (
 from framework.generation_tasks import SDEdit, prepare_task
 from framework.guidance import guided_model_fn, unconditional_branch
 from framework.interfaces import Compressor, Conditioner, Denoiser, DenoiserIO, ModelFn, Patcher, Sampler
+from framework.micro_conditions import MicroConditions, generation_fps
 from framework.packing import PackedSequence
 
 log = logging.getLogger(__name__)
@@ -199,6 +204,8 @@ class VideoDiffusion(L.LightningModule):
         latents = list(batch["latents"]) if "latents" in batch else self.encode_latents(batch["videos"])  # [c, t, h, w]
         clean = self.patcher.patchify(latents)
         cond = self.conditioner(batch["captions"])
+        if self.denoiser.micro_conditions:  # the clips' frame rates and original sizes
+            cond = cond.with_micro_conditions(MicroConditions.from_batch(batch, self.device))
         model_fn: ModelFn = lambda x, t: self.denoiser(x, t, cond)  # noqa: E731
         extra = {}
         if self.frame_conditioning is not None:
@@ -297,13 +304,17 @@ class VideoDiffusion(L.LightningModule):
         negative_prompts: list[str] | None = None,
         frame_conditions: list[FrameCondition | None] | None = None,
         sdedits: list[SDEdit | None] | None = None,
+        fps: list[float | None] | None = None,
+        original_sizes: list[tuple[int, int] | None] | None = None,
     ) -> list[Tensor]:
         """Sample one video per caption at its (frames, height, width) -> list of [3, T, H, W] in [-1, 1] (CPU).
 
         Guidance steers away from the empty caption, or from ``negative_prompts`` where given (an empty string
         there means the empty caption); ``guidance_rescale`` is Lin et al.'s (2023) rescale weight.
         ``frame_conditions`` gives clean latent frames per sample, kept exactly in the output latent;
-        ``sdedits`` starts a sample from a noised latent (all in one call must share the strength)."""
+        ``sdedits`` starts a sample from a noised latent (all in one call must share the strength). ``fps`` and
+        ``original_sizes`` (height, width) are the micro-conditions a denoiser configured with them gets (None: the
+        model's ``output_fps``, or STILL_IMAGE_FPS for one frame, and the requested size)."""
         if not captions:
             raise ValueError("generate: the caption list is empty")
         if not len(captions) == len(sizes) == len(seeds):
@@ -324,6 +335,7 @@ class VideoDiffusion(L.LightningModule):
                 raise ValueError(f"cannot generate {frames}x{height}x{width} for {caption!r}: {err}") from None
             generator = torch.Generator().manual_seed(seed)  # CPU noise: the same seed gives the same video anywhere
             noise_latents.append(torch.randn(self.compressor.latent_channels, *shape, generator=generator))
+        micro = self._generation_micro_conditions(sizes, fps, original_sizes)
         noise = self.patcher.patchify([n.to(self.device) for n in noise_latents])
         given, given_clean, channels = self._given_tokens(frame_conditions, noise_latents)
         start_kwargs = self._sdedit_start(sdedits, noise_latents)
@@ -336,6 +348,9 @@ class VideoDiffusion(L.LightningModule):
             else:
                 cond = conditioner(captions)
                 null = unconditional_branch(conditioner, len(captions), negative_prompts) if scale != 1.0 else None
+                if denoiser.micro_conditions:  # the same frame rate and size on the guided and unguided branch
+                    cond = cond.with_micro_conditions(micro)
+                    null = null.with_micro_conditions(micro) if null is not None else None
                 model_fn = guided_model_fn(denoiser, cond, null, scale, rescale)
                 if given is not None:
                     model_fn = with_given_tokens(model_fn, given, given_clean, self.sampling_frame_marker(), channels)
@@ -351,6 +366,20 @@ class VideoDiffusion(L.LightningModule):
                     keep = fc.frame_mask.to(self.device)[None, :, None, None]  # [1, t, 1, 1]
                     latents[i] = torch.where(keep, fc.latent.to(latents[i]), latents[i])
         return [v.float().cpu() for v in self.compressor.decode_list(latents)]
+
+    def _generation_micro_conditions(
+        self, sizes: list[tuple[int, int, int]], fps: list[float | None] | None,
+        original_sizes: list[tuple[int, int] | None] | None,
+    ) -> MicroConditions:
+        """Micro-conditions for samples of ``sizes`` (frames, height, width), filling the defaults."""
+        fps = [None] * len(sizes) if fps is None else fps
+        original_sizes = [None] * len(sizes) if original_sizes is None else original_sizes
+        if not len(fps) == len(original_sizes) == len(sizes):
+            raise ValueError(f"generate: got {len(sizes)} sizes, {len(fps)} frame rates and {len(original_sizes)} "
+                             "original sizes")
+        rates = [generation_fps(frames, rate, self.hparams.output_fps) for (frames, _, _), rate in zip(sizes, fps)]
+        originals = [(h, w) if original is None else original for (_, h, w), original in zip(sizes, original_sizes)]
+        return MicroConditions.build(rates, originals, self.device)
 
     def _given_tokens(
         self, frame_conditions: list[FrameCondition | None] | None, noise_latents: list[Tensor]
@@ -398,6 +427,7 @@ class VideoDiffusion(L.LightningModule):
         """One prompt row at a time may fail (bad inputs); it is reported and the others still run."""
         results = []
         for r in batch:
+            output_fps = self.hparams.output_fps if r.fps is None else r.fps  # the file plays at the asked rate
             try:
                 if r.error is not None:
                     raise ValueError(r.error)
@@ -406,12 +436,13 @@ class VideoDiffusion(L.LightningModule):
                     [r.caption], [(r.frames, r.height, r.width)], [r.seed],
                     guidance_scale=r.guidance, negative_prompts=[r.negative_prompt],
                     frame_conditions=[inputs.frame_condition], sdedits=[inputs.sdedit],
+                    fps=[r.fps], original_sizes=[r.original_size],
                 )
-                results.append(GeneratedVideo(r, video, self.hparams.output_fps))
+                results.append(GeneratedVideo(r, video, output_fps))
             except ValueError as err:
                 log.error("prompt %s failed: %s", r.source or r.index, err)
                 self._prediction_errors.append(str(err))
-                results.append(GeneratedVideo(r, None, self.hparams.output_fps, error=str(err)))
+                results.append(GeneratedVideo(r, None, output_fps, error=str(err)))
         return results
 
     def on_predict_start(self) -> None:

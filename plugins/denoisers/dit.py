@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from framework.attention import AttentionBackend, packed_cross_attention, packed_self_attention
 from framework.interfaces import Conditioning, Denoiser, DenoiserIO
+from framework.micro_conditions import MicroCondition, MicroConditionEmbedder, sinusoidal_features
 from framework.packing import PackedSequence
 from framework.rope import Rope3D, apply_rope
 from plugins.denoisers.presets import Preset, resolve_size
@@ -29,10 +30,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal features of ``t`` [B] in [0, 1] (scaled by 1000 as in DDPM-era models) -> [B, dim]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]  # [B, half]
-    return torch.cat([args.cos(), args.sin()], dim=-1)  # [B, dim]
+    return sinusoidal_features(1000.0 * t.float(), dim, max_period)  # [B, dim]
 
 
 class SelfAttention(nn.Module):
@@ -96,7 +94,7 @@ class DiTBlock(nn.Module):
         return x + gate_m * self.mlp(modulate(self.norm3(x), shift_m, scale_m))  # [N, W]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PreparedConditioning(Conditioning):
     """A Conditioning plus what a DiT derives from it alone, computed once per sampling run (``DiT.prepare``) instead
     of at every step; valid only for the DiT (and weights) that prepared it."""
@@ -117,9 +115,12 @@ class DiT(Denoiser):
         mlp_ratio: float = 4.0,
         attention: AttentionBackend = AttentionBackend.AUTO,
         gradient_checkpointing: bool = False,
+        micro_conditions: list[MicroCondition] | None = None,
     ) -> None:
         """``preset`` (S, B, L, XL: DiT's sizes) sets width, depth and heads; any of them given explicitly overrides
-        it, and with neither the size is S (384 wide, 12 deep, 6 heads)."""
+        it, and with neither the size is S (384 wide, 12 deep, 6 heads). ``micro_conditions`` (e.g. ``[FPS,
+        ORIGINAL_HEIGHT, ORIGINAL_WIDTH]``) conditions every block on those per-sample scalars
+        (``framework/micro_conditions.py``)."""
         super().__init__()
         size = resolve_size("DiT", preset, width, depth, num_heads)
         width, depth, num_heads = size.width, size.depth, size.num_heads
@@ -130,6 +131,8 @@ class DiT(Denoiser):
         self.blocks = nn.ModuleList(DiTBlock(width, num_heads, mlp_ratio, attention) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.micro_conditions = tuple(micro_conditions or ())
+        self.micro_embed = MicroConditionEmbedder(self.micro_conditions, width) if self.micro_conditions else None
         self.io: DenoiserIO | None = None
 
     def bind(self, io: DenoiserIO) -> None:
@@ -163,13 +166,22 @@ class DiT(Denoiser):
         for layer in (self.pooled_embed[-1], self.final_ada[-1], self.head):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.micro_embed is not None:  # zero output: micro-conditions start without effect
+            self.micro_embed.initialize_weights()
+
+    def conditioning_vector(self, timestep: Tensor, cond: PreparedConditioning) -> Tensor:
+        """The per-sample vector every adaLN modulation reads: timestep + pooled caption (+ micro-conditions)."""
+        c = self.time_embed(timestep_embedding(timestep, 256)) + cond.pooled_embedding  # [B, W]
+        if self.micro_embed is not None:
+            c = c + self.micro_embed(cond.micro_conditions)  # [B, W]
+        return c
 
     def forward(self, x: PackedSequence, timestep: Tensor, cond: Conditioning) -> PackedSequence:
         if self.io is None:
             raise RuntimeError("DiT.bind(DenoiserIO) must be called before forward (VideoDiffusion does this)")
         cond = self.prepare(cond)
         h = self.embed(x.tokens)  # [N, W]
-        c = self.time_embed(timestep_embedding(timestep, 256)) + cond.pooled_embedding  # [B, W]
+        c = self.conditioning_vector(timestep, cond)  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
         for block, context_kv in zip(self.blocks, cond.context_kv):
             if self.gradient_checkpointing and self.training:
@@ -184,8 +196,10 @@ class DiT(Denoiser):
         if isinstance(cond, PreparedConditioning):
             return cond
         context = self.context_embed(cond.context)  # [B, L, W]
-        return PreparedConditioning(cond.context, cond.context_mask, cond.pooled, self.pooled_embed(cond.pooled),
-                                    tuple(block.cross.keys_values(context) for block in self.blocks))
+        return PreparedConditioning(
+            context=cond.context, context_mask=cond.context_mask, pooled=cond.pooled,
+            micro_conditions=cond.micro_conditions, pooled_embedding=self.pooled_embed(cond.pooled),
+            context_kv=tuple(block.cross.keys_values(context) for block in self.blocks))
 
     def flops_per_token(self, seqlen: int, context_len: int) -> float:
         """Forward FLOPs per video token (2 per multiply-add) of the blocks: projections, MLP and attention.

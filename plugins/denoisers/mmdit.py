@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from framework.attention import AttentionBackend, packed_self_attention
 from framework.interfaces import Conditioning, Denoiser, DenoiserIO
+from framework.micro_conditions import MicroCondition, MicroConditionEmbedder
 from framework.packing import PackedSequence
 from framework.rope import Rope3D, apply_rope
 from plugins.denoisers.dit import modulate, timestep_embedding
@@ -132,8 +133,11 @@ class MMDiT(Denoiser):
         mlp_ratio: float = 4.0,
         attention: AttentionBackend = AttentionBackend.AUTO,
         gradient_checkpointing: bool = False,
+        micro_conditions: list[MicroCondition] | None = None,
     ) -> None:
-        """``preset`` (S, B, L, XL) sets width, depth and heads; explicit fields override it."""
+        """``preset`` (S, B, L, XL) sets width, depth and heads; explicit fields override it. ``micro_conditions``
+        (e.g. ``[FPS, ORIGINAL_HEIGHT, ORIGINAL_WIDTH]``) modulates both streams with those per-sample scalars
+        (``framework/micro_conditions.py``)."""
         super().__init__()
         size = resolve_size("MMDiT", preset, width, depth, num_heads)
         self.width, self.depth, self.num_heads = size.width, size.depth, size.num_heads
@@ -146,6 +150,8 @@ class MMDiT(Denoiser):
         )
         self.final_norm = nn.LayerNorm(self.width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(self.width, 2 * self.width))
+        self.micro_conditions = tuple(micro_conditions or ())
+        self.micro_embed = MicroConditionEmbedder(self.micro_conditions, self.width) if self.micro_conditions else None
         self.io: DenoiserIO | None = None
 
     def bind(self, io: DenoiserIO) -> None:
@@ -173,6 +179,15 @@ class MMDiT(Denoiser):
         for layer in (self.pooled_embed[-1], self.final_ada[-1], self.head):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.micro_embed is not None:  # zero output: micro-conditions start without effect
+            self.micro_embed.initialize_weights()
+
+    def conditioning_vector(self, timestep: Tensor, cond: Conditioning) -> Tensor:
+        """The per-sample vector both streams' adaLN read: timestep + pooled caption (+ micro-conditions)."""
+        c = self.time_embed(timestep_embedding(timestep, 256)) + self.pooled_embed(cond.pooled)  # [B, W]
+        if self.micro_embed is not None:
+            c = c + self.micro_embed(cond.micro_conditions)  # [B, W]
+        return c
 
     def forward(self, x: PackedSequence, timestep: Tensor, cond: Conditioning) -> PackedSequence:
         if self.io is None:
@@ -180,7 +195,7 @@ class MMDiT(Denoiser):
         layout = JointLayout.build(x, cond.context_mask)
         h = self.embed(x.tokens)  # [N, W]
         text = self.context_embed(cond.context[cond.context_mask])  # [M, W] real caption tokens only
-        c = self.time_embed(timestep_embedding(timestep, 256)) + self.pooled_embed(cond.pooled)  # [B, W]
+        c = self.conditioning_vector(timestep, cond)  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:

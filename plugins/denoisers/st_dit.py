@@ -24,9 +24,10 @@ from torch.utils.checkpoint import checkpoint
 
 from framework.attention import AttentionBackend
 from framework.interfaces import Conditioning
+from framework.micro_conditions import MicroCondition
 from framework.packing import PackedSequence
 from framework.rope import apply_rope
-from plugins.denoisers.dit import DiT, DiTBlock, modulate, timestep_embedding
+from plugins.denoisers.dit import DiT, DiTBlock, modulate
 from plugins.denoisers.presets import Preset, resolve_size
 
 
@@ -124,14 +125,15 @@ class STDiT(DiT):
         mlp_ratio: float = 4.0,
         attention: AttentionBackend = AttentionBackend.AUTO,
         gradient_checkpointing: bool = False,
+        micro_conditions: list[MicroCondition] | None = None,
     ) -> None:
         """``preset`` (S, B, L, XL) sets width, depth and heads; explicit fields override it. ``depth`` counts all
-        blocks: even blocks attend spatially, odd ones temporally."""
+        blocks: even blocks attend spatially, odd ones temporally. ``micro_conditions`` as in DiT."""
         size = resolve_size("STDiT", preset, width, depth, num_heads)
         # DiT builds the embedders, final layer and weight init; depth=1 keeps it from allocating full-attention
         # blocks that are replaced right away by factorised ones.
         super().__init__(width=size.width, depth=1, num_heads=size.num_heads, mlp_ratio=mlp_ratio, attention=attention,
-                         gradient_checkpointing=gradient_checkpointing)
+                         gradient_checkpointing=gradient_checkpointing, micro_conditions=micro_conditions)
         self.depth = size.depth
         axes = [AttentionAxis.SPATIAL, AttentionAxis.TEMPORAL]
         self.blocks = nn.ModuleList(
@@ -144,7 +146,7 @@ class STDiT(DiT):
         layouts = {axis: GroupedLayout.build(x, axis) for axis in AttentionAxis}
         cond = self.prepare(cond)  # DiT's: pooled embedding and caption keys/values per block
         h = self.embed(x.tokens)  # [N, W]
-        c = self.time_embed(timestep_embedding(timestep, 256)) + cond.pooled_embedding  # [B, W]
+        c = self.conditioning_vector(timestep, cond)  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
         for block, context_kv in zip(self.blocks, cond.context_kv):
             args = (h, c, x, rope, context_kv, cond.context_mask, layouts[block.axis])
