@@ -88,9 +88,10 @@ def context_loss_gain(model: VideoDiffusion, videos: list[torch.Tensor], caption
     channels = model.given_channels(model.sampling_frame_embedding(), latents, masks)  # None without channels
     cond = conditioner(captions)
     plain = lambda x, t: denoiser(x, t, cond)  # noqa: E731
+    with_context = with_given_tokens(plain, given, clean.tokens, marker, channels)
     losses = {"without_context": 0.0, "with_context": 0.0}
     for seed in range(repeats):
-        for key, fn in (("without_context", plain), ("with_context", with_given_tokens(plain, given, clean.tokens, marker, channels))):
+        for key, fn in (("without_context", plain), ("with_context", with_context)):
             generator = torch.Generator().manual_seed(seed)
             losses[key] += model.sampler.training_loss(fn, clean, generator, loss_mask=~given).mean().item() / repeats
     losses = {k: round(v, 4) for k, v in losses.items()}

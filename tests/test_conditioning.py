@@ -134,7 +134,8 @@ def test_ungiven_frames_counts_given_frames_lost_to_partly_given_tokens(caplog):
     video = torch.zeros(3, 4, 16, 16)  # [3, T, H, W]
     with caplog.at_level("WARNING"):
         out = model.generate(["x"], [(4, 16, 16)], [0], frame_conditions=[FrameCondition(video, torch.arange(4) < 3)])
-    assert "generated, not kept" in caplog.text and "{0: 1}" in caplog.text  # 2-frame tokens: frames 0-1 kept, frame 2 not
+    # 2-frame tokens: frames 0-1 are kept, frame 2 is not.
+    assert "generated, not kept" in caplog.text and "{0: 1}" in caplog.text
     assert torch.equal(out[0][:, :2], video[:, :2]) and not torch.equal(out[0][:, 2], video[:, 2])
 
 

@@ -401,7 +401,8 @@ class VideoDiffusion(L.LightningModule):
         shapes = [tuple(n.shape) for n in noise_latents]
         channels = self.given_channels(self.sampling_frame_embedding(), latents, masks)
         dropped = {i: n for i, n in enumerate(ungiven_frames(self.patcher, shapes, masks)) if n}
-        if dropped and channels is None:  # a token is given only when all its latent frames are: the others are generated anew
+        # A token is given only when all its latent frames are; without channels the others are generated anew.
+        if dropped and channels is None:
             log.warning("generate: given latent frames that share a token with frames to generate are generated, not "
                         "kept (give whole tokens: a multiple of the patcher's frames); {sample: frames}: %s", dropped)
         given = token_mask(self.patcher, shapes, masks).to(self.device)
