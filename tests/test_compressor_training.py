@@ -88,3 +88,28 @@ def test_mixed_sizes_in_one_batch_are_rejected() -> None:
 def test_psnr_matches_its_definition() -> None:
     target = torch.zeros(1, 3, 1, 4, 4)
     assert psnr(target + 0.02, target).item() == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.0004)).item())
+
+
+def test_the_loss_weighs_l1_mse_and_kl_as_configured(tmp_path) -> None:
+    module = CompressorTraining(tiny_vae(), l1_weight=0.5, mse_weight=2.0, kl_weight=1e-3, sample_posterior=False,
+                                log_reconstructions_every_n_steps=0)
+    metrics = fit(module, tmp_path, steps=1).callback_metrics
+    expected = 0.5 * metrics["train/l1"] + 2.0 * metrics["train/mse"] + 1e-3 * metrics["train/kl"]
+    assert metrics["train/loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["train/mse"] > 0
+
+
+def test_learning_rate_warms_up_linearly_over_the_first_steps(tmp_path) -> None:
+    module = CompressorTraining(tiny_vae(), learning_rate=1e-3, warmup_steps=4, log_reconstructions_every_n_steps=0)
+    trainer = fit(module, tmp_path, steps=2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)  # set for the 2nd step
+    trainer = fit(CompressorTraining(tiny_vae(), learning_rate=1e-3, warmup_steps=2,
+                                     log_reconstructions_every_n_steps=0), tmp_path, steps=3)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)  # warm-up over
+
+
+def test_a_loss_without_any_reconstruction_term_is_rejected() -> None:
+    with pytest.raises(ValueError, match="l1_weight and mse_weight are both 0"):
+        CompressorTraining(tiny_vae(), l1_weight=0.0, mse_weight=0.0)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        CompressorTraining(tiny_vae(), warmup_steps=-1)
