@@ -142,15 +142,16 @@ def scores(reconstruction: torch.Tensor, target: torch.Tensor) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-s", type=float, default=210.0, help="training wall-clock budget")
+    parser.add_argument("--budget-s", type=float, default=900.0, help="training wall-clock budget")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--latent-channels", type=int, default=8)
     parser.add_argument("--base-channels", type=int, default=8, help="CausalVAE base width (TINY preset: 16)")
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--l1-weight", type=float, default=1.0)
-    parser.add_argument("--mse-weight", type=float, default=0.0)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--l1-weight", type=float, default=0.0)
+    parser.add_argument("--mse-weight", type=float, default=1.0)
+    parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--crop", type=int, default=CROP)
     parser.add_argument("--shortcut", type=ShortcutBasis, default=ShortcutBasis.DCT, choices=list(ShortcutBasis))
     parser.add_argument("--posterior-mean", action="store_true", help="decode the posterior mean, not a sample")
@@ -167,7 +168,7 @@ def main() -> None:
                     tiling=None, shortcut=args.shortcut)
     module = CompressorTraining(vae, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                                 l1_weight=args.l1_weight, mse_weight=args.mse_weight, kl_weight=1e-6,
-                                sample_posterior=not args.posterior_mean,
+                                sample_posterior=not args.posterior_mean, ema_decay=args.ema_decay,
                                 log_reconstructions_every_n_steps=0, statistics_batches=16)
     untrained = copy.deepcopy(vae).eval()  # step 0: the shortcut (block-average) autoencoder
     curve = TrainingCurve()
@@ -212,6 +213,7 @@ def main() -> None:
         "model": {"class": "CausalVAE", "size": "TINY", "base_channels": args.base_channels,
                   "latent_channels": args.latent_channels, "shortcut": args.shortcut.value, "learning_rate": args.learning_rate,
                   "warmup_steps": args.warmup_steps, "l1_weight": args.l1_weight, "mse_weight": args.mse_weight,
+                  "ema_decay": args.ema_decay, "sample_posterior": not args.posterior_mean,
                   "parameters": sum(p.numel() for p in vae.parameters()),
                   "input_values_per_latent_value": values_ratio},
         "training": {"budget_s": args.budget_s, "wall_s": round(train_s, 1), "steps": trainer.global_step,

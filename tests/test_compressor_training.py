@@ -113,3 +113,28 @@ def test_a_loss_without_any_reconstruction_term_is_rejected() -> None:
         CompressorTraining(tiny_vae(), l1_weight=0.0, mse_weight=0.0)
     with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
         CompressorTraining(tiny_vae(), warmup_steps=-1)
+
+
+def test_ema_averages_the_weights_and_the_compressor_ends_with_the_average(tmp_path) -> None:
+    """With ema_decay the average follows ``ema = d * ema + (1 - d) * weights`` after each generator step (the
+    first step copies), and the compressor holds the average after fit (then measures its statistics)."""
+    module = CompressorTraining(tiny_vae(), learning_rate=1e-2, ema_decay=0.5, log_reconstructions_every_n_steps=0)
+    name = "encoder.conv_in.conv.weight"
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            seen.append(pl_module.compressor.state_dict()[name].clone())
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Record()])
+    trainer.fit(module, datamodule=data())
+    expected = seen[0]
+    for weights in seen[1:]:
+        expected = 0.5 * expected + 0.5 * weights
+    final = module.compressor.state_dict()[name]
+    assert torch.allclose(final, expected, atol=1e-6)
+    assert not torch.allclose(final, seen[-1])  # the last step's weights were replaced by the average
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        CompressorTraining(tiny_vae(), ema_decay=1.0)

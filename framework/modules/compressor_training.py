@@ -14,6 +14,10 @@ The adversarial term (optional, ``adversarial: true``) uses a small 3D PatchGAN 
 "Image-to-Image Translation with Conditional Adversarial Networks", 2017, with 3D convolutions) and hinge losses; it
 switches on after ``adversarial_start_step`` steps, once reconstructions are roughly right, as LDM does.
 
+With ``ema_decay`` > 0 an exponential moving average of the compressor's weights is kept (Polyak averaging; on
+a shared CPU's few thousand noisy steps it is steadier than the last step's weights) and the compressor takes the
+averaged weights at the end of ``fit``.
+
 At the end of ``fit`` the compressor's latent statistics are measured on the training data and, with
 ``export_path``, weights plus statistics are written as one ``.safetensors`` file that a diffusion config loads
 (``CausalVAE(checkpoint=...)``).
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from framework.variational import VariationalCompressor
 from framework.video_io import write_frame_grid
@@ -86,13 +91,15 @@ class CompressorTraining(L.LightningModule):
         discriminator_channels: int = 32,
         discriminator_layers: int = 3,
         gradient_clip_val: float | None = 1.0,
+        ema_decay: float = 0.0,
         log_reconstructions_every_n_steps: int = 200,
         statistics_batches: int = 16,
         export_path: str | None = None,
     ) -> None:
         """``sample_posterior`` decodes a sample of q(z|x) (the VAE objective) instead of its mean;
         ``log_reconstructions_every_n_steps`` writes input-above-reconstruction PNG strips to
-        ``<log dir>/reconstructions`` (0 turns it off); ``statistics_batches`` bounds the data used for the latent
+        ``<log dir>/reconstructions`` (0 turns it off); ``ema_decay`` > 0 averages the weights over generator steps
+        and hands the average to the compressor at the end of fit; ``statistics_batches`` bounds the data used for the latent
         statistics measured at the end of fit; ``export_path`` then writes the compressor as ``.safetensors``."""
         super().__init__()
         if learning_rate <= 0:
@@ -105,12 +112,18 @@ class CompressorTraining(L.LightningModule):
                 raise ValueError(f"CompressorTraining: {name} must be >= 0, got {value}")
         if l1_weight == 0 and mse_weight == 0:
             raise ValueError("CompressorTraining: l1_weight and mse_weight are both 0; there is no reconstruction loss")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"CompressorTraining: ema_decay must be in [0, 1), got {ema_decay}")
         if statistics_batches < 1:
             raise ValueError(f"CompressorTraining: statistics_batches must be >= 1, got {statistics_batches}")
         # As in VideoDiffusion: under LightningCLI the compressor is saved as its class_path config.
         built_by_cli = _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=None if built_by_cli else ["compressor"])
         self.compressor = compressor
+        self.compressor_ema = (
+            AveragedModel(compressor, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay > 0 else None
+        )
         self.discriminator = PatchDiscriminator3D(discriminator_channels, discriminator_layers) if adversarial else None
         # Two optimizers (generator, discriminator) step separately, so optimisation is manual.
         self.automatic_optimization = False
@@ -156,6 +169,8 @@ class CompressorTraining(L.LightningModule):
         if hp.gradient_clip_val:
             self.clip_gradients(opt_g, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
         opt_g.step()
+        if self.compressor_ema is not None:
+            self.compressor_ema.update_parameters(self.compressor)
 
         if adversarial:
             real, fake = self.discriminator(videos), self.discriminator(reconstruction.detach())  # patch logits
@@ -202,7 +217,10 @@ class CompressorTraining(L.LightningModule):
         return write_frame_grid(self.reconstruction_dir() / f"step_{self.global_step:07d}.png", strip, upscale)
 
     def on_fit_end(self) -> None:
-        """Measure the latent statistics on the training data, then export weights + statistics if asked."""
+        """Load the averaged weights (with ``ema_decay``), measure the latent statistics on the training data, then
+        export weights + statistics if asked."""
+        if self.compressor_ema is not None:
+            self.compressor.load_state_dict(self.compressor_ema.module.state_dict())
         loader = self.trainer.train_dataloader
         if loader is None:
             return
