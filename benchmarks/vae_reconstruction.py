@@ -4,20 +4,24 @@ shared/data/videos, against down/up-sampling baselines that keep the same compre
 Split by *source* (no clip of a held-out source is trained on, its portrait crop included):
 held out = blackswan (landscape + portrait), carphone (clip + still), kitesurfer.
 
-Training: ``CompressorTraining`` (L1 + 1e-6 KL, no GAN) through a Lightning Trainer with ``max_time``, on random
-48 x 48 crops of 9-, 5- and 1-frame windows of the clips scaled to a short side of 128 px.
+Training (defaults, the recipe of configs/vae_train.yaml without its GAN): ``CompressorTraining`` with MSE + 1e-6
+KL on a posterior sample, AdamW at 1e-3 after 100 linear warm-up steps, weights averaged (EMA 0.99), through a
+Lightning Trainer with ``max_time`` (900 s, one thread), on batches of 4 random 48 x 48 crops of 9-, 5- and 1-frame
+windows of the clips scaled to a short side of 128 px, decoded once and kept in memory. The VAE is the TINY preset
+at base width 8 with 8 latent channels and the DCT shortcut.
 Evaluation: centre 128 x 128 crops of the held-out clips (17 frames, or the longest 1 + 4k that fits), PSNR and
 SSIM (torchmetrics, per frame, data range 2) of
 
 * the VAE reconstruction (whole clip) and the tiled + chunked reconstruction (8-latent tiles, so 2 x 2 tiles),
-* ``vae_untrained``: the same VAE before training, i.e. its parameter-free block-average shortcut alone (what the
-  training added is the difference to ``vae``),
+* ``vae_untrained``: the same VAE before training, i.e. its fixed linear shortcut alone (``--shortcut dct``: the
+  8 lowest DCT coefficients of each latent cell; what the training added is the difference to ``vae``),
 * ``resample_same_factors``: 4x in time, 8x in space, 3 channels (fewer numbers than the 8-channel latent),
-* ``resample_same_values``: 4x in time, sqrt(24) ~ 4.9x in space: as many numbers as the latent.
+* ``resample_same_values``: 4x in time, sqrt(3 * 64 / c) in space (sqrt(24) ~ 4.9x for c = 8): as many numbers
+  as the latent.
 
 The CPU is shared by other jobs, so the step count reached in the budget varies between runs; it is reported.
 
-    python benchmarks/vae_reconstruction.py [--budget-s 210] [--threads 1]
+    python benchmarks/vae_reconstruction.py [--budget-s 900] [--threads 1] [--latent-channels 8] ...  (--help)
 """
 
 from __future__ import annotations

@@ -407,7 +407,9 @@ class CausalVAE(VariationalCompressor):
     ) -> None:
         """``base_channels`` / ``res_blocks`` override the ``size`` preset; ``tiling`` None encodes and decodes
         whole clips at once; ``checkpoint`` loads weights and latent statistics from a ``.safetensors`` file written
-        by :meth:`save_weights` (e.g. by ``CompressorTraining(export_path=...)``) or a Lightning ``.ckpt``."""
+        by :meth:`save_weights` (e.g. by ``CompressorTraining(export_path=...)``) or a Lightning ``.ckpt``;
+        ``shortcut`` picks the fixed linear map between a latent cell and its channels that the untrained VAE is
+        (:class:`ShortcutBasis`: ``DCT`` keeps each cell's ``latent_channels`` lowest DCT coefficients)."""
         super().__init__(latent_channels)
         for name, factor in (("temporal_factor", temporal_factor), ("spatial_factor", spatial_factor)):
             if factor < 1 or factor & (factor - 1):
