@@ -174,7 +174,7 @@ def main() -> None:
                                 l1_weight=args.l1_weight, mse_weight=args.mse_weight, kl_weight=1e-6,
                                 sample_posterior=not args.posterior_mean, ema_decay=args.ema_decay,
                                 log_reconstructions_every_n_steps=0, statistics_batches=16)
-    untrained = copy.deepcopy(vae).eval()  # step 0: the shortcut (block-average) autoencoder
+    untrained = copy.deepcopy(vae).eval()  # step 0: the shortcut's linear autoencoder
     curve = TrainingCurve()
     trainer = L.Trainer(accelerator="cpu", max_time={"seconds": args.budget_s}, max_steps=-1, max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
