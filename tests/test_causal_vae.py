@@ -127,6 +127,15 @@ def test_dct_shortcut_rejects_more_channels_than_a_cell_has_values() -> None:
         CausalVAE(latent_channels=13, temporal_factor=1, spatial_factor=2, size=VAESize.TINY)
 
 
+def test_posterior_variance_never_exceeds_the_priors() -> None:
+    """Log-variance is capped at 0 however the encoder's head drifts."""
+    model = CausalVAE(latent_channels=4, size=VAESize.TINY, base_channels=8, tiling=None)
+    with torch.no_grad():
+        model.encoder.conv_out.conv.bias[4:] = torch.tensor([5.0, -2.0, 0.5, -7.0])
+        logvar = model.posterior(smooth_video(5, 16, 16)).logvar  # [1, 4, 2, 2, 2]
+    assert torch.equal(logvar.amax((0, 2, 3, 4)), torch.tensor([0.0, -2.0, 0.0, -7.0]))
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("frames", [2, 4, 8, 10])
 def test_frame_count_not_one_plus_4k_is_rejected_naming_it(vae, frames) -> None:
