@@ -5,8 +5,11 @@ what matter):
 
 * training-step throughput (tokens/s): forward, MSE loss, backward and an AdamW step, for the eager models with
   AdamW's default (foreach) and ``fused=True`` implementations, and optionally under ``torch.compile``;
-* sampling latency for ``--sampling-steps`` (50) steps: our RectifiedFlow Euler sampler calling our DiT vs
-  diffusers' ``FlowMatchEulerDiscreteScheduler`` driving the Wan transformer, both unguided.
+* sampling latency for ``--sampling-steps`` (50) steps: our RectifiedFlow Euler sampler calling our DiT through
+  ``guided_model_fn`` (as ``VideoDiffusion.generate`` does: caption keys/values prepared once per run) vs diffusers'
+  ``FlowMatchEulerDiscreteScheduler`` driving the Wan transformer, both unguided; eager, and with ``--compile`` also
+  both compiled (ours with ``framework.compilation.compile_in_place``, i.e. ``VideoDiffusion(compile_denoiser=True)``;
+  diffusers' with ``torch.compile``).
 
 Both models see 640 tokens by default: 2 clips of 16 latent channels x 5 x 16 x 16, patch 1x2x2 (320 tokens each),
 16 caption tokens of width 64. Wan's FFN width is set to 4x the model width, like DiT's MLP. Model FLOPs per step
@@ -21,6 +24,7 @@ estimated, and reported next to the throughput.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -31,7 +35,9 @@ from pathlib import Path
 
 import torch
 
+from framework.compilation import compile_in_place
 from framework.flop_count import counting_mode
+from framework.guidance import guided_model_fn
 from framework.interfaces import Conditioning, DenoiserIO
 from framework.packing import PackedSequence
 from plugins.denoisers.dit import DiT
@@ -75,9 +81,14 @@ class Ours:
     def loss(self, model) -> torch.Tensor:
         return torch.nn.functional.mse_loss(model(self.x, self.t, self.cond).tokens, self.target)
 
+    @staticmethod
+    def compiled(model):
+        return compile_in_place(copy.deepcopy(model))  # what VideoDiffusion(compile_denoiser=True) does
+
     @torch.no_grad()
-    def sample(self, steps: int) -> torch.Tensor:
-        return RectifiedFlow(shift=3.0).sample(lambda x, t: self.model(x, t, self.cond), self.x, steps).tokens
+    def sample(self, steps: int, model=None) -> torch.Tensor:
+        model_fn = guided_model_fn(self.model if model is None else model, self.cond, None, 1.0)  # unguided, as generate() binds it
+        return RectifiedFlow(shift=3.0).sample(model_fn, self.x, steps).tokens
 
 
 class Diffusers:
@@ -98,23 +109,27 @@ class Diffusers:
         out = model(self.latent, self.timestep, self.context, return_dict=False)[0]  # [B, C, T, H, W]
         return torch.nn.functional.mse_loss(out, self.target)
 
+    @staticmethod
+    def compiled(model):
+        return torch.compile(model)
+
     @torch.no_grad()
-    def sample(self, steps: int) -> torch.Tensor:
+    def sample(self, steps: int, model=None) -> torch.Tensor:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        model = self.model if model is None else model
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         scheduler.set_timesteps(steps)
         x = self.latent
         for t in scheduler.timesteps:
-            velocity = self.model(x, t.expand(x.shape[0]), self.context, return_dict=False)[0]
+            velocity = model(x, t.expand(x.shape[0]), self.context, return_dict=False)[0]
             x = scheduler.step(velocity, t, x, return_dict=False)[0]
         return x
 
 
 def train_step_fn(system, fused: bool, compile_model: bool) -> Callable[[], None]:
-    model = system.model.train()
-    forward = torch.compile(model) if compile_model else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    forward = system.compiled(system.model.train()) if compile_model else system.model.train()
+    optimizer = torch.optim.AdamW(forward.parameters(), lr=1e-4, fused=fused)
 
     def step() -> None:
         loss = system.loss(forward)
@@ -133,17 +148,22 @@ def counted_flops(system) -> int:
     return counter.get_total_flops()
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], None]], warmup: int, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and this thread's CPU seconds per call. On a shared machine the wall clock also counts the time
+    other jobs held the core; the thread's CPU time does not (with one intra-op thread, all compute is on it)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in fns}
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
     for _ in range(repeats):  # alternate so that load spikes on the shared CPU hit every variant alike
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.thread_time() - start_cpu)
+    return wall, cpu
 
 
 def main() -> None:
@@ -183,33 +203,55 @@ def main() -> None:
         if args.compile:
             variants[f"{key}/compiled/adamw_fused"] = (key, True, True)
     fns = {name: train_step_fn(systems[key], fused, compiled) for name, (key, fused, compiled) in variants.items()}
-    times = time_interleaved(fns, args.warmup, args.repeats)
+    times, cpu_times = time_interleaved(fns, args.warmup, args.repeats)
     train = {}
     for name, samples in times.items():
-        median = statistics.median(samples)
+        median, median_cpu = statistics.median(samples), statistics.median(cpu_times[name])
         key = variants[name][0]
         train[name] = {"median_step_ms": round(1000 * median, 2), "tokens_per_s": round(tokens / median),
-                       "achieved_gflops_per_s": round(flops[key] / median / 1e9, 2)}
-        print(f"train  {name:32s} {1000 * median:8.1f} ms/step  {tokens / median:9.0f} tokens/s")
-    ratios = {}
+                       "achieved_gflops_per_s": round(flops[key] / median / 1e9, 2),
+                       "median_step_cpu_ms": round(1000 * median_cpu, 2)}
+        print(f"train  {name:32s} {1000 * median:8.1f} ms/step  {tokens / median:9.0f} tokens/s  "
+              f"(CPU {1000 * median_cpu:.1f} ms)")
+    ratios, cpu_ratios = {}, {}
     for variant in sorted({n.split("/", 1)[1] for n in train}):
         ratios[variant] = round(train[f"ours/{variant}"]["tokens_per_s"] / train[f"diffusers/{variant}"]["tokens_per_s"], 3)
+        cpu_ratios[variant] = round(train[f"diffusers/{variant}"]["median_step_cpu_ms"]
+                                    / train[f"ours/{variant}"]["median_step_cpu_ms"], 3)
     ratios["ours_best_vs_diffusers_eager_foreach"] = round(
         max(v["tokens_per_s"] for n, v in train.items() if n.startswith("ours/"))
         / train["diffusers/eager/adamw_foreach"]["tokens_per_s"], 3)
-    print(f"throughput ratio ours / diffusers: {ratios}")
+    print(f"throughput ratio ours / diffusers: {ratios}; by CPU time: {cpu_ratios}")
 
-    for s in systems.values():
+    samplers = {}
+    for key, s in systems.items():
         s.model.eval()
-    sampling = {k: [] for k in systems}
-    for _ in range(args.sampling_repeats):
-        for key, s in systems.items():
+        samplers[f"{key}/eager"] = (s, s.model)
+        if args.compile:
+            samplers[f"{key}/compiled"] = (s, s.compiled(s.model))
+    with torch.no_grad():
+        for name, (s, model) in samplers.items():  # warm-up, and compilation of the compiled variants
             start = time.perf_counter()
-            s.sample(args.sampling_steps)
-            sampling[key].append(time.perf_counter() - start)
-    latency = {k: round(statistics.median(v), 3) for k, v in sampling.items()}
-    latency_ratio = round(latency["ours"] / latency["diffusers"], 3)
+            for _ in range(2):
+                s.sample(2, model)
+            print(f"sample warm-up {name:24s} {time.perf_counter() - start:6.1f} s")
+    with torch.no_grad():  # interleaved, like the training steps
+        sampling, sampling_cpu = time_interleaved(
+            {name: (lambda s=s, model=model: s.sample(args.sampling_steps, model)) for name, (s, model) in samplers.items()},
+            warmup=0, repeats=args.sampling_repeats)
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+
+    def summarise(samples: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+        latency = {k: round(statistics.median(v), 3) for k, v in samples.items()}
+        ratio = {mode: round(latency[f"ours/{mode}"] / latency[f"diffusers/{mode}"], 3) for mode in modes}
+        if args.compile:
+            ratio["ours_compiled_vs_diffusers_eager"] = round(latency["ours/compiled"] / latency["diffusers/eager"], 3)
+        return latency, ratio
+
+    latency, latency_ratio = summarise(sampling)
+    cpu_latency, cpu_latency_ratio = summarise(sampling_cpu)
     print(f"sample {args.sampling_steps} steps: {latency} s; ours / diffusers = {latency_ratio}")
+    print(f"sample {args.sampling_steps} steps, CPU time: {cpu_latency} s; ours / diffusers = {cpu_latency_ratio}")
 
     import diffusers
 
@@ -218,12 +260,15 @@ def main() -> None:
                 "with identical width/depth/heads on identical input, interleaved in one run",
         "command": " ".join(["python", "benchmarks/dit_vs_diffusers.py", *sys.argv[1:]]),
         "device": "cpu", "threads": args.threads, "dtype": "float32",
-        "note": "shared CPU (other jobs running): absolute times are noisy, ratios within this run are what matter",
+        "note": "shared CPU (other jobs running): absolute times are noisy, ratios within this run are what matter; "
+                "the *_cpu figures are this thread's CPU time, which does not count time other jobs held the core",
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {"tokens_per_step": tokens},
         "parameters": params, "train_step_gflops_counted": {k: round(v / 1e9, 4) for k, v in flops.items()},
         "train": train, "throughput_ratio_ours_over_diffusers": ratios,
+        "throughput_ratio_ours_over_diffusers_cpu_time": cpu_ratios,
         "sampling": {"steps": args.sampling_steps, "median_latency_s": latency,
-                     "latency_ratio_ours_over_diffusers": latency_ratio},
+                     "latency_ratio_ours_over_diffusers": latency_ratio, "median_cpu_s": cpu_latency,
+                     "cpu_time_ratio_ours_over_diffusers": cpu_latency_ratio},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,20 +4,24 @@ shared/data/videos, against down/up-sampling baselines that keep the same compre
 Split by *source* (no clip of a held-out source is trained on, its portrait crop included):
 held out = blackswan (landscape + portrait), carphone (clip + still), kitesurfer.
 
-Training: ``CompressorTraining`` (L1 + 1e-6 KL, no GAN) through a Lightning Trainer with ``max_time``, on random
-48 x 48 crops of 9-, 5- and 1-frame windows of the clips scaled to a short side of 128 px.
+Training (defaults, the recipe of configs/vae_train.yaml without its GAN): ``CompressorTraining`` with MSE + 1e-6
+KL on a posterior sample, AdamW at 1e-3 after 100 linear warm-up steps, weights averaged (EMA 0.99), through a
+Lightning Trainer with ``max_time`` (900 s, one thread), on batches of 4 random 48 x 48 crops of 9-, 5- and 1-frame
+windows of the clips scaled to a short side of 128 px, decoded once and kept in memory. The VAE is the TINY preset
+at base width 8 with 8 latent channels and the DCT shortcut.
 Evaluation: centre 128 x 128 crops of the held-out clips (17 frames, or the longest 1 + 4k that fits), PSNR and
 SSIM (torchmetrics, per frame, data range 2) of
 
 * the VAE reconstruction (whole clip) and the tiled + chunked reconstruction (8-latent tiles, so 2 x 2 tiles),
-* ``vae_untrained``: the same VAE before training, i.e. its parameter-free block-average shortcut alone (what the
-  training added is the difference to ``vae``),
+* ``vae_untrained``: the same VAE before training, i.e. its fixed linear shortcut alone (``--shortcut dct``: the
+  8 lowest DCT coefficients of each latent cell; what the training added is the difference to ``vae``),
 * ``resample_same_factors``: 4x in time, 8x in space, 3 channels (fewer numbers than the 8-channel latent),
-* ``resample_same_values``: 4x in time, sqrt(24) ~ 4.9x in space: as many numbers as the latent.
+* ``resample_same_values``: 4x in time, sqrt(3 * 64 / c) in space (sqrt(24) ~ 4.9x for c = 8): as many numbers
+  as the latent.
 
 The CPU is shared by other jobs, so the step count reached in the budget varies between runs; it is reported.
 
-    python benchmarks/vae_reconstruction.py [--budget-s 210] [--threads 1]
+    python benchmarks/vae_reconstruction.py [--budget-s 900] [--threads 1] [--latent-channels 8] ...  (--help)
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from framework.modules.compressor_training import CompressorTraining, psnr  # noqa: E402
 from framework.video_io import read_video  # noqa: E402
-from plugins.compressors.causal_vae import CausalVAE, Tiling, VAESize  # noqa: E402
+from plugins.compressors.causal_vae import CausalVAE, ShortcutBasis, Tiling, VAESize  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "videos"
 HELD_OUT_SOURCES = ("blackswan", "carphone", "kitesurfer")
@@ -88,11 +92,12 @@ class TrainingCurve(L.Callback):
 
 
 class RandomCrops(IterableDataset):
-    """Endless batches {"videos": [B x [3, T, CROP, CROP]]} with T drawn from (9, 9, 5, 1) per batch."""
+    """Endless batches {"videos": [B x [3, T, crop, crop]]} with T drawn from (9, 9, 5, 1) per batch, cut from
+    clips decoded once into memory."""
 
-    def __init__(self, clips: dict[str, torch.Tensor], batch_size: int, seed: int = 0) -> None:
-        self.clips = [c for c in clips.values() if min(c.shape[-2:]) >= CROP]
-        self.batch_size, self.seed = batch_size, seed
+    def __init__(self, clips: dict[str, torch.Tensor], batch_size: int, crop: int = CROP, seed: int = 0) -> None:
+        self.clips = [c for c in clips.values() if min(c.shape[-2:]) >= crop]
+        self.batch_size, self.crop, self.seed = batch_size, crop, seed
 
     def __iter__(self):
         rng = random.Random(self.seed)
@@ -103,8 +108,8 @@ class RandomCrops(IterableDataset):
             for _ in range(self.batch_size):
                 clip = rng.choice(pool)
                 t0 = rng.randint(0, clip.shape[1] - frames)
-                y0, x0 = rng.randint(0, clip.shape[2] - CROP), rng.randint(0, clip.shape[3] - CROP)
-                crops.append(clip[:, t0 : t0 + frames, y0 : y0 + CROP, x0 : x0 + CROP].clone())
+                y0, x0 = rng.randint(0, clip.shape[2] - self.crop), rng.randint(0, clip.shape[3] - self.crop)
+                crops.append(clip[:, t0 : t0 + frames, y0 : y0 + self.crop, x0 : x0 + self.crop].clone())
             yield {"videos": crops}
 
 
@@ -141,12 +146,19 @@ def scores(reconstruction: torch.Tensor, target: torch.Tensor) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-s", type=float, default=210.0, help="training wall-clock budget")
+    parser.add_argument("--budget-s", type=float, default=900.0, help="training wall-clock budget")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--latent-channels", type=int, default=8)
     parser.add_argument("--base-channels", type=int, default=8, help="CausalVAE base width (TINY preset: 16)")
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--l1-weight", type=float, default=0.0)
+    parser.add_argument("--mse-weight", type=float, default=1.0)
+    parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument("--crop", type=int, default=CROP)
+    parser.add_argument("--shortcut", type=ShortcutBasis, default=ShortcutBasis.DCT, choices=list(ShortcutBasis))
+    parser.add_argument("--posterior-mean", action="store_true", help="decode the posterior mean, not a sample")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vae_reconstruction.json")
     args = parser.parse_args()
     if not (DATA / "manifest.csv").is_file():
@@ -157,17 +169,19 @@ def main() -> None:
     train, held_out = load_split()
     print(f"train clips: {len(train)}, held-out: {sorted(held_out)}")
     vae = CausalVAE(latent_channels=args.latent_channels, size=VAESize.TINY, base_channels=args.base_channels,
-                    tiling=None)
-    module = CompressorTraining(vae, learning_rate=args.learning_rate, kl_weight=1e-6, log_reconstructions_every_n_steps=0,
-                                statistics_batches=16)
-    untrained = copy.deepcopy(vae).eval()  # step 0: the shortcut (block-average) autoencoder
+                    tiling=None, shortcut=args.shortcut)
+    module = CompressorTraining(vae, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+                                l1_weight=args.l1_weight, mse_weight=args.mse_weight, kl_weight=1e-6,
+                                sample_posterior=not args.posterior_mean, ema_decay=args.ema_decay,
+                                log_reconstructions_every_n_steps=0, statistics_batches=16)
+    untrained = copy.deepcopy(vae).eval()  # step 0: the shortcut's linear autoencoder
     curve = TrainingCurve()
     trainer = L.Trainer(accelerator="cpu", max_time={"seconds": args.budget_s}, max_steps=-1, max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir="/tmp/kinetoscope_vae_benchmark",
                         callbacks=[curve])
     start = time.perf_counter()
-    trainer.fit(module, DataLoader(RandomCrops(train, args.batch_size), batch_size=None))
+    trainer.fit(module, DataLoader(RandomCrops(train, args.batch_size, args.crop), batch_size=None))
     train_s = time.perf_counter() - start
     print(f"trained {trainer.global_step} steps in {train_s:.0f} s (incl. latent statistics)")
 
@@ -191,7 +205,7 @@ def main() -> None:
                 "vae_untrained": scores(untrained.decode(untrained.encode(video)), video),
                 "tiled_vs_whole_psnr_db": round(psnr(tiled, whole).item(), 2),
                 "resample_same_factors": scores(resample_baseline(video, 4, 8.0), video),
-                "resample_same_values": scores(resample_baseline(video, 4, math.sqrt(24.0)), video),
+                "resample_same_values": scores(resample_baseline(video, 4, math.sqrt(3 * 64 / args.latent_channels)), video),
             }
             print(name, json.dumps(rows[name]))
     mean = {m: {k: round(sum(r[m][k] for r in rows.values()) / len(rows), 3) for k in ("psnr_db", "ssim")}
@@ -201,11 +215,13 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/vae_reconstruction.py", *sys.argv[1:]]),
         "device": f"CPU ({platform.machine()}), torch {torch.__version__}, {args.threads} thread(s), shared",
         "model": {"class": "CausalVAE", "size": "TINY", "base_channels": args.base_channels,
-                  "latent_channels": args.latent_channels, "learning_rate": args.learning_rate,
+                  "latent_channels": args.latent_channels, "shortcut": args.shortcut.value, "learning_rate": args.learning_rate,
+                  "warmup_steps": args.warmup_steps, "l1_weight": args.l1_weight, "mse_weight": args.mse_weight,
+                  "ema_decay": args.ema_decay, "sample_posterior": not args.posterior_mean,
                   "parameters": sum(p.numel() for p in vae.parameters()),
                   "input_values_per_latent_value": values_ratio},
         "training": {"budget_s": args.budget_s, "wall_s": round(train_s, 1), "steps": trainer.global_step,
-                     "batch_size": args.batch_size, "crop": CROP, "train_clips": sorted(train),
+                     "batch_size": args.batch_size, "crop": args.crop, "train_clips": sorted(train),
                      "train_l1_every_25_steps": curve.points},
         "held_out": rows,
         "mean_over_held_out": mean,

@@ -54,17 +54,26 @@ def resolve_backend(backend: AttentionBackend, packed: PackedSequence, device: t
     return AttentionBackend.SDPA_LOOP
 
 
-@torch.compiler.disable  # loops over the pack's layout: eager under torch.compile (framework/compilation.py)
 def packed_self_attention(
     q: Tensor, k: Tensor, v: Tensor, packed: PackedSequence, backend: AttentionBackend = AttentionBackend.AUTO
 ) -> Tensor:
-    """Block-diagonal self-attention. ``q, k, v``: [N, heads, head_dim] -> [N, heads, head_dim]."""
+    """Block-diagonal self-attention. ``q, k, v``: [N, heads, head_dim] -> [N, heads, head_dim].
+
+    The dense path takes its sizes from tensor shapes, so torch.compile traces it for any uniform layout; the others
+    loop over the layout and run eagerly under torch.compile (framework/compilation.py)."""
     backend = resolve_backend(backend, packed, q.device)
     if backend is AttentionBackend.DENSE:
-        b, n = packed.num_samples, packed.seqlens[0]
-        q, k, v = (x.view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))  # [B, H, L, Dh]
+        b = packed.cu_seqlens.shape[0] - 1
+        q, k, v = (x.unflatten(0, (b, -1)).transpose(1, 2) for x in (q, k, v))  # [B, H, L, Dh]
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, Dh]
-        return out.transpose(1, 2).reshape(b * n, out.shape[1], out.shape[3])  # [N, H, Dh]
+        return out.transpose(1, 2).flatten(0, 1)  # [N, H, Dh]
+    return _packed_self_attention_loop(q, k, v, packed, backend)
+
+
+@torch.compiler.disable
+def _packed_self_attention_loop(
+    q: Tensor, k: Tensor, v: Tensor, packed: PackedSequence, backend: AttentionBackend
+) -> Tensor:
     if backend is AttentionBackend.SDPA_LOOP:
         out = [_sdpa(qi, ki, vi) for qi, ki, vi in zip(packed.split(q), packed.split(k), packed.split(v))]  # [L_i, H, Dh]
         return torch.cat(out)
@@ -92,7 +101,6 @@ def _flex_self_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedSequence
     return flex_attention(q, k, v, block_mask=mask)[0].transpose(0, 1)  # [N, H, Dh]
 
 
-@torch.compiler.disable  # loops over the pack's layout: eager under torch.compile (framework/compilation.py)
 def packed_cross_attention(
     q: Tensor, k: Tensor, v: Tensor, context_mask: Tensor, packed: PackedSequence,
     backend: AttentionBackend = AttentionBackend.AUTO,
@@ -103,13 +111,19 @@ def packed_cross_attention(
     True where a context token is real. Returns [N, H, Dh].
     """
     backend = resolve_backend(backend, packed, q.device)
-    if backend is AttentionBackend.DENSE:
-        b, n = packed.num_samples, packed.seqlens[0]
-        qb = q.view(b, n, *q.shape[1:]).transpose(1, 2)  # [B, H, Lq, Dh]
+    if backend is AttentionBackend.DENSE:  # sizes from shapes: traced by torch.compile for any uniform layout
+        qb = q.unflatten(0, (k.shape[0], -1)).transpose(1, 2)  # [B, H, Lq, Dh]
         out = F.scaled_dot_product_attention(
             qb, k.transpose(1, 2), v.transpose(1, 2), attn_mask=context_mask[:, None, None, :]
         )  # [B, H, Lq, Dh]
-        return out.transpose(1, 2).reshape(b * n, *q.shape[1:])
+        return out.transpose(1, 2).flatten(0, 1)  # [N, H, Dh]
+    return _packed_cross_attention_loop(q, k, v, context_mask, packed, backend)
+
+
+@torch.compiler.disable  # loops over the pack's layout: eager under torch.compile (framework/compilation.py)
+def _packed_cross_attention_loop(
+    q: Tensor, k: Tensor, v: Tensor, context_mask: Tensor, packed: PackedSequence, backend: AttentionBackend
+) -> Tensor:
     if backend is AttentionBackend.XFORMERS:
         from xformers.ops import fmha
 

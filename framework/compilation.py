@@ -5,12 +5,20 @@ code (per-sample attention loops, broadcasting per-sample values to tokens, STDi
 branches and loops on them. Traced by TorchDynamo, every new combination of clip sizes would be a new graph: measured
 on a 2-block DiT (torch 2.13, CPU), each new layout added a graph and recompiled (~10 s each), without bound.
 
-So the layout operations are excluded from tracing (``torch.compiler.disable`` on ``PackedSequence.per_token``,
-``PackedSequence.with_tokens``, ``packed_self_attention``, ``packed_cross_attention`` and the STDiT / MM-DiT layout
-builders): they run eagerly, exactly as without compilation, and the dense per-token math between them (projections,
-norms, modulation, RoPE, MLPs) is compiled once with a dynamic token count (``dynamic=True``). Any number of layouts
-then share the same graphs; measured: a new graph only for a pack of one sample (PyTorch specialises sizes 0 and 1)
-and for the first pack whose samples all have equal length (those take the dense attention path).
+So the layout operations take their sizes from tensor shapes where they can and are excluded from tracing where
+they cannot. For a pack whose samples all have the same length (the usual case with shape buckets), the pack is a
+dense ``[B, L, ...]`` batch: ``PackedSequence.per_token`` and the dense attention paths read B and L from shapes, so
+the whole denoiser forward is one graph with symbolic sizes (``dynamic=True``), reused for every such layout. For a
+mixed-size pack, the per-sample loops (``PackedSequence.per_token``'s and the attention's, STDiT's and MM-DiT's
+layout builders, ``PackedSequence.with_tokens``) run eagerly (``torch.compiler.disable``) and the dense per-token
+math between them is compiled, again once for all layouts. Measured with ``torch._dynamo`` counters: new layouts
+add no graphs (``tests/test_compile.py``: two mixed-size and two equal-size layouts), apart from a pack of one sample
+(PyTorch specialises sizes 0 and 1), the first equal-size pack, and the first no-grad (sampling) call.
+
+Speed, measured on CPU (torch 2.13, one thread, the 640-token, equal-size DiT of ``benchmarks/dit_vs_diffusers.py``,
+interleaved in one process, thread CPU time): a compiled training step took 0.88x the eager time (74.9 vs 85.4 ms);
+with the equal-size path also broken out of the graph (the first version of this module) it took 1.01-1.04x, i.e.
+the per-region overhead ate the fusion gains. Mixed-size packs still take graph breaks at every attention call.
 
 The module is compiled in place (``nn.Module.compile``), so parameter names, checkpoints and the EMA copy stay as
 they are.

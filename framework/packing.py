@@ -36,6 +36,9 @@ class PackedSequence:
                 f"cu_seqlens must have one entry per sample plus one ({len(self.grid_sizes) + 1}), "
                 f"got shape {tuple(self.cu_seqlens.shape)}"
             )
+        lengths = {t * h * w for t, h, w in self.grid_sizes}
+        # a plain attribute, so code traced by torch.compile reads one bool instead of the whole layout
+        object.__setattr__(self, "_uniform", len(lengths) == 1)
         expected = sum(t * h * w for t, h, w in self.grid_sizes)
         if self.tokens.shape[0] != expected or self.positions.shape != (expected, 3):
             raise ValueError(
@@ -83,7 +86,7 @@ class PackedSequence:
     @property
     def is_uniform(self) -> bool:
         """All samples have the same token count, so the pack can be viewed as a dense ``[B, L, D]`` batch."""
-        return len(set(self.seqlens)) == 1
+        return self._uniform
 
     @property
     def sample_index(self) -> Tensor:
@@ -102,11 +105,15 @@ class PackedSequence:
             self._cache[key] = build()
         return self._cache[key]
 
-    @torch.compiler.disable  # layout-dependent: run eagerly under torch.compile (framework/compilation.py)
     def per_token(self, values: Tensor) -> Tensor:
         """Broadcast ``[B, ...]`` per-sample values to ``[N, ...]`` per-token values."""
-        if self.is_uniform:
-            return values.repeat_interleave(self.seqlens[0], dim=0)
+        if self.is_uniform:  # sizes from the shapes alone: traced by torch.compile for any uniform layout
+            b, n = values.shape[0], self.tokens.shape[0] // values.shape[0]
+            return values.unsqueeze(1).expand(b, n, *values.shape[1:]).reshape(b * n, *values.shape[1:])  # [N, ...]
+        return self._per_token_mixed(values)
+
+    @torch.compiler.disable  # loops over the layout: eager under torch.compile (framework/compilation.py)
+    def _per_token_mixed(self, values: Tensor) -> Tensor:
         # expand + cat rather than values[sample_index]: the gather's backward zero-fills and scatters an [N, ...]
         # buffer, measured as the largest extra cost of a mixed-size DiT step on CPU; expand's backward is a sum.
         return torch.cat([v.expand(n, *v.shape) for v, n in zip(values, self.seqlens)])  # [N, ...]

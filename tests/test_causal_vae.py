@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from framework.registry import default_registry
-from plugins.compressors.causal_vae import CausalVAE, Tiling, VAESize, latent_to_video_frames, temporal_chunks
+from plugins.compressors.causal_vae import (
+    CausalVAE, ShortcutBasis, Tiling, VAESize, dct_matrix, latent_to_video_frames, temporal_chunks,
+)
 
 
 def tiny_vae(**kwargs) -> CausalVAE:
@@ -86,7 +88,8 @@ def test_the_first_frame_encodes_like_an_image(vae) -> None:
 def test_untrained_vae_is_the_block_average_autoencoder() -> None:
     """Zero-initialised output convolutions: the fresh VAE reproduces each latent cell's mean colour."""
     torch.manual_seed(0)
-    fresh = CausalVAE(latent_channels=6, size=VAESize.TINY, base_channels=8, tiling=None).eval()
+    fresh = CausalVAE(latent_channels=6, size=VAESize.TINY, base_channels=8, tiling=None,
+                      shortcut=ShortcutBasis.BLOCK_AVERAGE).eval()
     video = smooth_video(5, 16, 16)
     with torch.no_grad():
         decoded = fresh.decode_latent(fresh.posterior(video).mean)  # [1, 3, 5, 16, 16]
@@ -95,6 +98,42 @@ def test_untrained_vae_is_the_block_average_autoencoder() -> None:
     assert torch.allclose(decoded[:, :, 0, :8, :8], first_cell[:, :, None, None].expand(-1, -1, 8, 8), atol=1e-5)
     assert torch.allclose(decoded[:, :, 1:, 8:, 8:], later_cell[:, :, None, None, None].expand(-1, -1, 4, 8, 8),
                           atol=1e-5)
+
+
+def test_untrained_dct_vae_is_the_projection_onto_its_lowest_dct_coefficients() -> None:
+    """The default shortcut: a video made of the kept basis functions (cell means in the three opponent colours,
+    then the lowest luma frequencies) round-trips exactly; an unkept frequency is removed; the latent's first
+    channel is the cell's mean luma; and an image is its first frame."""
+    torch.manual_seed(0)
+    fresh = CausalVAE(latent_channels=6, size=VAESize.TINY, base_channels=8, tiling=None).eval()
+    ramp = dct_matrix(8)[1].float()  # [8] the lowest horizontal luma frequency, kept (channel 3 or 4)
+    cells = torch.rand(3, 2, 2, 2) * 2 - 1  # [3, t, h, w] per-cell colours
+    video = cells[:, :, None, :, None, :, None].expand(3, 2, 4, 2, 8, 2, 8).reshape(3, 8, 16, 16)[:, 3:]
+    video = video[None] + 0.3 * ramp.repeat(2)  # [1, 3, 5, 16, 16]: cell colours + a kept luma ramp
+    with torch.no_grad():
+        z = fresh.posterior(video).mean  # [1, 6, 2, 2, 2]
+        decoded = fresh.decode_latent(z)  # [1, 3, 5, 16, 16]
+        assert torch.allclose(decoded, video, atol=1e-5)
+        assert torch.allclose(z[:, 0, 1], video[:, :, 1:5].mean(1).unflatten(2, (2, 8)).unflatten(4, (2, 8))
+                              .mean((1, 3, 5)) * 3**0.5, atol=1e-5)  # mean luma (R+G+B)/sqrt(3) of each cell
+        highest = dct_matrix(8)[7].float().repeat(2)  # [16] the highest horizontal frequency, not kept
+        assert fresh.decode_latent(fresh.posterior(highest.expand(1, 3, 5, 16, 16)).mean).abs().max() < 1e-5
+        image = video[:, :, :1]  # [1, 3, 1, 16, 16]
+        assert torch.allclose(fresh.decode_latent(fresh.posterior(image).mean), image, atol=1e-5)
+
+
+def test_dct_shortcut_rejects_more_channels_than_a_cell_has_values() -> None:
+    with pytest.raises(ValueError, match="latent_channels 13 > the 12 values"):
+        CausalVAE(latent_channels=13, temporal_factor=1, spatial_factor=2, size=VAESize.TINY)
+
+
+def test_posterior_variance_never_exceeds_the_priors() -> None:
+    """Log-variance is capped at 0 however the encoder's head drifts."""
+    model = CausalVAE(latent_channels=4, size=VAESize.TINY, base_channels=8, tiling=None)
+    with torch.no_grad():
+        model.encoder.conv_out.conv.bias[4:] = torch.tensor([5.0, -2.0, 0.5, -7.0])
+        logvar = model.posterior(smooth_video(5, 16, 16)).logvar  # [1, 4, 2, 2, 2]
+    assert torch.equal(logvar.amax((0, 2, 3, 4)), torch.tensor([0.0, -2.0, 0.0, -7.0]))
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -88,3 +88,53 @@ def test_mixed_sizes_in_one_batch_are_rejected() -> None:
 def test_psnr_matches_its_definition() -> None:
     target = torch.zeros(1, 3, 1, 4, 4)
     assert psnr(target + 0.02, target).item() == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.0004)).item())
+
+
+def test_the_loss_weighs_l1_mse_and_kl_as_configured(tmp_path) -> None:
+    module = CompressorTraining(tiny_vae(), l1_weight=0.5, mse_weight=2.0, kl_weight=1e-3, sample_posterior=False,
+                                log_reconstructions_every_n_steps=0)
+    metrics = fit(module, tmp_path, steps=1).callback_metrics
+    expected = 0.5 * metrics["train/l1"] + 2.0 * metrics["train/mse"] + 1e-3 * metrics["train/kl"]
+    assert metrics["train/loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["train/mse"] > 0
+
+
+def test_learning_rate_warms_up_linearly_over_the_first_steps(tmp_path) -> None:
+    module = CompressorTraining(tiny_vae(), learning_rate=1e-3, warmup_steps=4, log_reconstructions_every_n_steps=0)
+    trainer = fit(module, tmp_path, steps=2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)  # set for the 2nd step
+    trainer = fit(CompressorTraining(tiny_vae(), learning_rate=1e-3, warmup_steps=2,
+                                     log_reconstructions_every_n_steps=0), tmp_path, steps=3)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)  # warm-up over
+
+
+def test_a_loss_without_any_reconstruction_term_is_rejected() -> None:
+    with pytest.raises(ValueError, match="l1_weight and mse_weight are both 0"):
+        CompressorTraining(tiny_vae(), l1_weight=0.0, mse_weight=0.0)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        CompressorTraining(tiny_vae(), warmup_steps=-1)
+
+
+def test_ema_averages_the_weights_and_the_compressor_ends_with_the_average(tmp_path) -> None:
+    """With ema_decay the average follows ``ema = d * ema + (1 - d) * weights`` after each generator step (the
+    first step copies), and the compressor holds the average after fit (then measures its statistics)."""
+    module = CompressorTraining(tiny_vae(), learning_rate=1e-2, ema_decay=0.5, log_reconstructions_every_n_steps=0)
+    name = "encoder.conv_in.conv.weight"
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            seen.append(pl_module.compressor.state_dict()[name].clone())
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Record()])
+    trainer.fit(module, datamodule=data())
+    expected = seen[0]
+    for weights in seen[1:]:
+        expected = 0.5 * expected + 0.5 * weights
+    final = module.compressor.state_dict()[name]
+    assert torch.allclose(final, expected, atol=1e-6)
+    assert not torch.allclose(final, seen[-1])  # the last step's weights were replaced by the average
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        CompressorTraining(tiny_vae(), ema_decay=1.0)

@@ -138,43 +138,98 @@ class Upsample(nn.Module):
         return self.conv(x, cache)  # [B, C, T', 2H, 2W]
 
 
+class ShortcutBasis(Enum):
+    """The linear map between a latent cell's pixels and its latent channels that the untrained VAE is.
+
+    ``DCT``: the cell's ``3 x temporal_factor x spatial_factor^2`` values in an orthonormal opponent colour space
+    (luma, red-blue, green-magenta) and a 3D DCT-II (as JPEG's 8 x 8 DCT, here also over the cell's frames); the
+    latent keeps the ``c`` lowest-frequency coefficients: the three colour means first, then luma coefficients by
+    ascending total frequency ``kt + ky + kx`` (ties: time, then rows, then columns), then chroma ones. The
+    decoder's shortcut is the transpose, so the untrained VAE is the orthogonal projection onto those basis
+    functions: all ``c`` channels carry information (on the held-out clips of ``benchmarks/vae_reconstruction.py``
+    8 coefficients reconstruct to ~25 dB PSNR, against ~21 dB for the block average).
+    ``BLOCK_AVERAGE``: each cell's mean colour, copied cyclically into the ``c`` channels (3 distinct values)."""
+
+    DCT = "dct"
+    BLOCK_AVERAGE = "block_average"
+
+
+def dct_matrix(n: int) -> Tensor:
+    """Orthonormal DCT-II ``[n frequencies, n samples]``."""
+    k, i = torch.arange(n, dtype=torch.float64)[:, None], torch.arange(n, dtype=torch.float64)[None]
+    m = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2 / n)  # [n, n]
+    m[0] /= math.sqrt(2)
+    return m
+
+
+OPPONENT_COLOURS = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, -1.0], [1.0, -2.0, 1.0]], dtype=torch.float64)
+
+
+def shortcut_maps(basis: ShortcutBasis, latent_channels: int, temporal_factor: int, spatial_factor: int
+                  ) -> tuple[Tensor, Tensor]:
+    """``(down, up)``, each ``[c, 3, tf, sf, sf]``: latent channel ``i`` of a cell is ``<down[i], cell>`` and the
+    cell decodes to ``sum_i z_i up[i]``."""
+    c, tf, sf = latent_channels, temporal_factor, spatial_factor
+    cell = tf * sf * sf
+    if basis is ShortcutBasis.BLOCK_AVERAGE:
+        colour_of_channel = F.one_hot(torch.arange(c) % 3, 3).double()  # [c, 3]
+        down = colour_of_channel / cell  # [c, 3]: the cell's mean colour
+        up = colour_of_channel / colour_of_channel.sum(0)  # [c, 3]: the mean of the channels holding a colour
+        return (down[:, :, None, None, None].expand(c, 3, tf, sf, sf).float().contiguous(),
+                up[:, :, None, None, None].expand(c, 3, tf, sf, sf).float().contiguous())
+    if c > 3 * cell:
+        raise ValueError(f"CausalVAE: latent_channels {c} > the {3 * cell} values of a latent cell (DCT shortcut)")
+    colours = OPPONENT_COLOURS / OPPONENT_COLOURS.norm(dim=1, keepdim=True)  # [3 opponent, 3 RGB], orthonormal
+    frequencies = [(colour, kt, ky, kx) for colour in range(3) for kt in range(tf) for ky in range(sf)
+                   for kx in range(sf)]
+    frequencies.sort(key=lambda f: (f[1:] != (0, 0, 0), f[0] != 0, sum(f[1:]), f))  # DCs, luma, then chroma
+    dt, ds = dct_matrix(tf), dct_matrix(sf)  # [tf, tf], [sf, sf]
+    basis_vectors = torch.stack([
+        torch.einsum("a,t,y,x->atyx", colours[colour], dt[kt], ds[ky], ds[kx])
+        for colour, kt, ky, kx in frequencies[:c]
+    ])  # [c, 3, tf, sf, sf], orthonormal
+    # Scaled so channel 0 is the cell's mean luma (R+G+B)/sqrt(3): latents keep the block average's scale.
+    return (basis_vectors / math.sqrt(cell)).float(), (basis_vectors * math.sqrt(cell)).float()
+
+
 class SpaceTimeShortcut(nn.Module):
-    """Parameter-free residual path between video and latent (DC-AE's "residual autoencoding", Chen et al., "Deep
+    """Linear residual path between video and latent (DC-AE's "residual autoencoding", Chen et al., "Deep
     Compression Autoencoder for Efficient High-Resolution Diffusion Models", 2024, here causal in time).
 
-    ``down``: the mean of each latent cell's pixels (frame 0 alone, then groups of ``temporal_factor`` frames, each
-    ``spatial_factor``^2 pixels), RGB copied cyclically into the ``c`` channels. ``up``: the mean of the channels
-    that hold each RGB colour, repeated over the cell's frames and pixels. Both are local to a latent cell, so chunks
-    and tiles stay exact; with the encoder's and decoder's output convolutions starting at zero, the untrained VAE
-    is this block-average autoencoder, and training learns the residual (which converges far faster on CPU).
+    Each latent cell (frame 0 alone, then groups of ``temporal_factor`` frames, each ``spatial_factor``^2 pixels)
+    maps linearly to its ``c`` channels (:meth:`down`, the encoder's) and back (:meth:`up`, the decoder's) by the
+    maps of a :class:`ShortcutBasis`; the first cell is frame 0 repeated ``temporal_factor`` times, so a single
+    image is a valid input. Both directions are local to a latent cell, so chunks and tiles stay exact; with the
+    encoder's and decoder's output convolutions starting at zero, the untrained VAE is this linear autoencoder, and
+    training learns the residual (which converges far faster on CPU). The map is fixed, derived from the
+    configuration, so it is not part of the weights (training it directly with the network's learning rate only
+    unsettles the basis: DCT coefficients are already close to the data's principal components).
     """
 
-    def __init__(self, latent_channels: int, temporal_factor: int, spatial_factor: int) -> None:
+    def __init__(self, cell_map: Tensor) -> None:
         super().__init__()
-        self.temporal_factor, self.spatial_factor = temporal_factor, spatial_factor
-        rgb_of_channel = F.one_hot(torch.arange(latent_channels) % 3, 3).float()  # [c, 3]
-        self.register_buffer("copy", rgb_of_channel, persistent=False)  # [c, 3]
-        self.register_buffer("average", rgb_of_channel / rgb_of_channel.sum(0), persistent=False)  # [c, 3]
+        _, _, self.temporal_factor, self.spatial_factor, _ = cell_map.shape  # [c, 3, tf, sf, sf]
+        self.register_buffer("cell_map", cell_map, persistent=False)
 
     def down(self, video: Tensor, first_chunk: bool) -> Tensor:
         tf, sf = self.temporal_factor, self.spatial_factor
-        head, rest = (video[:, :, :1], video[:, :, 1:]) if first_chunk else (video[:, :, :0], video)
-        groups = rest.unflatten(2, (-1, tf)).mean(3)  # [B, 3, k, H, W]
-        frames = torch.cat([head, groups], dim=2)  # [B, 3, t, H, W]
-        cells = F.avg_pool3d(frames, (1, sf, sf))  # [B, 3, t, h, w]
-        return torch.einsum("bkthw,ck->bcthw", cells, self.copy)  # [B, c, t, h, w]
+        if first_chunk:
+            video = torch.cat([video[:, :, :1].expand(-1, -1, tf - 1, -1, -1), video], dim=2)  # [B, 3, tf*t, H, W]
+        b, _, frames, height, width = video.shape
+        cells = video.reshape(b, 3, frames // tf, tf, height // sf, sf, width // sf, sf)  # [B, 3, t, tf, h, sf, w, sf]
+        return torch.einsum("bktuhywx,ckuyx->bcthw", cells, self.cell_map)  # [B, c, t, h, w]
 
     def up(self, z: Tensor, first_chunk: bool) -> Tensor:
-        rgb = torch.einsum("bcthw,ck->bkthw", z, self.average)  # [B, 3, t, h, w]
-        frames = rgb.repeat_interleave(self.temporal_factor, dim=2)  # [B, 3, t*tf, h, w]
-        if first_chunk:
-            frames = frames[:, :, self.temporal_factor - 1 :]  # [B, 3, 1 + (t-1)*tf, h, w]: frame 0 is one frame
-        return frames.repeat_interleave(self.spatial_factor, 3).repeat_interleave(self.spatial_factor, 4)
+        tf, sf = self.temporal_factor, self.spatial_factor
+        b, _, t, h, w = z.shape
+        cells = torch.einsum("bcthw,ckuyx->bktuhywx", z, self.cell_map)  # [B, 3, t, tf, h, sf, w, sf]
+        frames = cells.reshape(b, 3, t * tf, h * sf, w * sf)  # [B, 3, t*tf, H, W]
+        return frames[:, :, tf - 1 :] if first_chunk else frames  # [B, 3, T, H, W]: frame 0 is one frame
 
 
 class CausalEncoder(nn.Module):
     """conv -> [ResBlocks, strided causal conv] per level -> 2 ResBlocks -> norm, SiLU, conv to 2c moments
-    (+ the block-average shortcut on the mean)."""
+    (+ the linear shortcut on the mean)."""
 
     def __init__(
         self, channels: list[int], res_blocks: int, temporal_down: list[bool], latent_channels: int,
@@ -209,7 +264,9 @@ class CausalEncoder(nn.Module):
 
 class CausalDecoder(nn.Module):
     """Mirror of the encoder: conv -> 2 ResBlocks -> [ResBlocks, Upsample] per level -> norm, SiLU, conv to RGB
-    (+ the block-average shortcut)."""
+    (+ the linear shortcut). The shortcut's reconstruction also enters the last, full-resolution stage through a
+    convolution (``shortcut_in``), so that stage refines an image it can see (removing the shortcut's block edges,
+    sharpening) instead of having to rebuild it from the upsampled latent features."""
 
     def __init__(
         self, channels: list[int], res_blocks: int, temporal_up: list[bool], latent_channels: int,
@@ -227,19 +284,23 @@ class CausalDecoder(nn.Module):
             c = width
             if level < len(widths) - 1:
                 self.ups.append(Upsample(c, temporal_up[level]))
+        self.shortcut_in = CausalConv3d(3, widths[max(0, len(widths) - 2)])  # the last stage's input width
         self.norm_out, self.conv_out = ChannelRMSNorm(c), CausalConv3d(c, 3)
 
     def forward(self, z: Tensor, cache: StreamCache | None = None) -> Tensor:
         first_chunk = cache is None or cache.first_call(self)
+        coarse = self.shortcut.up(z, first_chunk)  # [B, 3, T, H, W]
         x = self.conv_in(z, cache)  # [B, C, t, h, w]
         for block in self.mid:
             x = block(x, cache)  # [B, C, t, h, w]
         for level, stage in enumerate(self.stages):
+            if level == len(self.stages) - 1:
+                x = x + self.shortcut_in(coarse, cache)  # [B, C1, T, H, W]
             for block in stage:
                 x = block(x, cache)  # [B, Ci, Ti, Hi, Wi]
             if level < len(self.ups):
                 x = self.ups[level](x, cache)  # [B, Ci, Ti or 2Ti-1, 2Hi, 2Wi]
-        return self.conv_out(F.silu(self.norm_out(x)), cache) + self.shortcut.up(z, first_chunk)  # [B, 3, T, H, W]
+        return self.conv_out(F.silu(self.norm_out(x)), cache) + coarse  # [B, 3, T, H, W]
 
 
 # ------------------------------------------------------------------------------------------------------ tiling
@@ -342,10 +403,13 @@ class CausalVAE(VariationalCompressor):
         res_blocks: int | None = None,
         tiling: Tiling | None = Tiling(),
         checkpoint: str | None = None,
+        shortcut: ShortcutBasis = ShortcutBasis.DCT,
     ) -> None:
         """``base_channels`` / ``res_blocks`` override the ``size`` preset; ``tiling`` None encodes and decodes
         whole clips at once; ``checkpoint`` loads weights and latent statistics from a ``.safetensors`` file written
-        by :meth:`save_weights` (e.g. by ``CompressorTraining(export_path=...)``) or a Lightning ``.ckpt``."""
+        by :meth:`save_weights` (e.g. by ``CompressorTraining(export_path=...)``) or a Lightning ``.ckpt``;
+        ``shortcut`` picks the fixed linear map between a latent cell and its channels that the untrained VAE is
+        (:class:`ShortcutBasis`: ``DCT`` keeps each cell's ``latent_channels`` lowest DCT coefficients)."""
         super().__init__(latent_channels)
         for name, factor in (("temporal_factor", temporal_factor), ("spatial_factor", spatial_factor)):
             if factor < 1 or factor & (factor - 1):
@@ -365,11 +429,13 @@ class CausalVAE(VariationalCompressor):
         downs, temporal_downs = int(math.log2(spatial_factor)), int(math.log2(temporal_factor))
         channels = [base * min(2**level, 4) for level in range(downs + 1)]
         temporal_down = [level >= downs - temporal_downs for level in range(downs)]  # time at the deepest levels
-        shortcut = SpaceTimeShortcut(latent_channels, temporal_factor, spatial_factor)
-        self.encoder = CausalEncoder(channels, blocks, temporal_down, latent_channels, shortcut)
-        self.decoder = CausalDecoder(channels, blocks, temporal_down[::-1], latent_channels, shortcut)
+        down, up = shortcut_maps(shortcut, latent_channels, temporal_factor, spatial_factor)  # [c, 3, tf, sf, sf]
+        self.encoder = CausalEncoder(channels, blocks, temporal_down, latent_channels,
+                                     SpaceTimeShortcut(down))
+        self.decoder = CausalDecoder(channels, blocks, temporal_down[::-1], latent_channels,
+                                     SpaceTimeShortcut(up))
         for conv in (self.encoder.conv_out.conv, self.decoder.conv_out.conv):
-            nn.init.zeros_(conv.weight)  # start as the shortcut (block-average) autoencoder; see SpaceTimeShortcut
+            nn.init.zeros_(conv.weight)  # start as the shortcut's linear autoencoder; see SpaceTimeShortcut
             nn.init.zeros_(conv.bias)
         # Posterior std starts at e^-3 ~ 0.05 instead of 1: unit noise would swamp the shortcut latent (std ~0.3)
         nn.init.constant_(self.encoder.conv_out.conv.bias[latent_channels:], -6.0)
@@ -378,8 +444,12 @@ class CausalVAE(VariationalCompressor):
 
     # --------------------------------------------------------------------------------------- whole-clip paths
     def posterior(self, video: Tensor) -> DiagonalGaussian:
+        """The encoder's Gaussian, its log-variance capped at 0 (the prior's): a posterior wider than N(0, I) never
+        helps, and under Adam the KL term's tiny gradient still moves the log-variance head by ~lr per step, until a
+        rare input samples enormous noise (a one-step loss spike of ~1e4 in the 900 s benchmark before the cap)."""
         self.check_video(video)
-        return DiagonalGaussian.from_moments(self.encoder(video))  # over [B, c, t, h, w]
+        posterior = DiagonalGaussian.from_moments(self.encoder(video))  # over [B, c, t, h, w]
+        return DiagonalGaussian(posterior.mean, posterior.logvar.clamp(max=0.0))
 
     def decode_latent(self, z: Tensor) -> Tensor:
         self.check_latent(z)

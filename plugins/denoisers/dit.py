@@ -84,9 +84,11 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context_kv: tuple[Tensor, Tensor],
+    def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context: Tensor | tuple[Tensor, Tensor],
                 context_mask: Tensor):
-        # c: [B, W] per-sample conditioning; modulation is computed per sample, then spread over its tokens
+        # c: [B, W] per-sample conditioning; modulation is computed per sample, then spread over its tokens.
+        # context: the embedded caption [B, L, W], or its keys and values for this block (DiT.prepare)
+        context_kv = context if isinstance(context, tuple) else self.cross.keys_values(context)
         mod = packed.per_token(self.ada(c))  # [N, 6W]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # each [N, W]
         x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), packed, rope)  # [N, W]
@@ -169,9 +171,9 @@ class DiT(Denoiser):
         if self.micro_embed is not None:  # zero output: micro-conditions start without effect
             self.micro_embed.initialize_weights()
 
-    def conditioning_vector(self, timestep: Tensor, cond: PreparedConditioning) -> Tensor:
+    def conditioning_vector(self, timestep: Tensor, cond: Conditioning) -> Tensor:
         """The per-sample vector every adaLN modulation reads: timestep + pooled caption (+ micro-conditions)."""
-        c = self.time_embed(timestep_embedding(timestep, 256)) + cond.pooled_embedding  # [B, W]
+        c = self.time_embed(timestep_embedding(timestep, 256)) + self.pooled_embedding(cond)  # [B, W]
         if self.micro_embed is not None:
             c = c + self.micro_embed(cond.micro_conditions)  # [B, W]
         return c
@@ -179,17 +181,29 @@ class DiT(Denoiser):
     def forward(self, x: PackedSequence, timestep: Tensor, cond: Conditioning) -> PackedSequence:
         if self.io is None:
             raise RuntimeError("DiT.bind(DenoiserIO) must be called before forward (VideoDiffusion does this)")
-        cond = self.prepare(cond)
         h = self.embed(x.tokens)  # [N, W]
         c = self.conditioning_vector(timestep, cond)  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
-        for block, context_kv in zip(self.blocks, cond.context_kv):
+        for block, context in zip(self.blocks, self.block_contexts(cond)):
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, c, x, rope, context_kv, cond.context_mask, use_reentrant=False)
+                h = checkpoint(block, h, c, x, rope, context, cond.context_mask, use_reentrant=False)
             else:
-                h = block(h, c, x, rope, context_kv, cond.context_mask)  # [N, W]
+                h = block(h, c, x, rope, context, cond.context_mask)  # [N, W]
         shift, scale = x.per_token(self.final_ada(c)).chunk(2, dim=-1)  # each [N, W]
         return x.with_tokens(self.head(modulate(self.final_norm(h), shift, scale)))  # [N, token_dim]
+
+    def pooled_embedding(self, cond: Conditioning) -> Tensor:
+        """The pooled caption's share of the adaLN input [B, W] (prepared, or computed now)."""
+        if isinstance(cond, PreparedConditioning):
+            return cond.pooled_embedding
+        return self.pooled_embed(cond.pooled)
+
+    def block_contexts(self, cond: Conditioning) -> tuple[Tensor | tuple[Tensor, Tensor], ...]:
+        """Per block, its caption keys and values when prepared; else the embedded caption [B, L, W], from which each
+        block computes them in its own forward (where FSDP has gathered that block's weights)."""
+        if isinstance(cond, PreparedConditioning):
+            return cond.context_kv
+        return (self.context_embed(cond.context),) * len(self.blocks)
 
     def prepare(self, cond: Conditioning) -> PreparedConditioning:
         """The pooled-caption embedding and every block's caption keys and values (unchanged if already prepared)."""

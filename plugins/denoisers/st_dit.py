@@ -102,8 +102,9 @@ class FactorisedBlock(DiTBlock):
         q, k = apply_rope(attn.q_norm(q), *rope), apply_rope(attn.k_norm(k), *rope)  # [N, H, Dh]
         return attn.proj(layout.attention(q, k, v).flatten(1))  # [N, W]
 
-    def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context_kv: tuple[Tensor, Tensor],
+    def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context: Tensor | tuple[Tensor, Tensor],
                 context_mask: Tensor, layout: GroupedLayout) -> Tensor:
+        context_kv = context if isinstance(context, tuple) else self.cross.keys_values(context)  # as in DiTBlock
         mod = packed.per_token(self.ada(c))  # [N, 6W]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # each [N, W]
         x = x + gate_a * self.grouped_self_attention(modulate(self.norm1(x), shift_a, scale_a), rope, layout)
@@ -144,12 +145,11 @@ class STDiT(DiT):
         if self.io is None:
             raise RuntimeError("STDiT.bind(DenoiserIO) must be called before forward (VideoDiffusion does this)")
         layouts = {axis: GroupedLayout.build(x, axis) for axis in AttentionAxis}
-        cond = self.prepare(cond)  # DiT's: pooled embedding and caption keys/values per block
         h = self.embed(x.tokens)  # [N, W]
         c = self.conditioning_vector(timestep, cond)  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
-        for block, context_kv in zip(self.blocks, cond.context_kv):
-            args = (h, c, x, rope, context_kv, cond.context_mask, layouts[block.axis])
+        for block, context in zip(self.blocks, self.block_contexts(cond)):
+            args = (h, c, x, rope, context, cond.context_mask, layouts[block.axis])
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(block, *args, use_reentrant=False)
             else:
