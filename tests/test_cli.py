@@ -114,18 +114,18 @@ def test_predict_writes_decodable_videos(trained, monkeypatch) -> None:
     cli_main(
         ["predict", "-c", str(QUICKSTART), "--ckpt_path", "last",
          f"--data.init_args.prompts.captions=[{json.dumps(CAPTION)}]",
-         "--data.init_args.prompts.frames=4", "--data.init_args.prompts.height=16",
+         "--data.init_args.prompts.frames=8", "--data.init_args.prompts.height=16",
          "--data.init_args.prompts.width=24", "--model.init_args.sampling_steps=5", *QUIET]
     )
     rows = [json.loads(line) for line in (out_dir / "index.jsonl").read_text().splitlines() if line.strip()]
     assert len(rows) == 1
     row = rows[0]
-    assert (row["caption"], row["frames"], row["height"], row["width"]) == (CAPTION, 4, 16, 24)
+    assert (row["caption"], row["frames"], row["height"], row["width"]) == (CAPTION, 8, 16, 24)
     files = {Path(name).suffix: out_dir / name for name in row["files"]}
     assert set(files) == {".mp4", ".gif", ".png"}
     assert all(f.is_file() and f.stat().st_size > 0 for f in files.values())
     video, fps = read_video(files[".mp4"])
-    assert tuple(video.shape) == (3, 4, 16 * upscale, 24 * upscale)
+    assert tuple(video.shape) == (3, 8, 16 * upscale, 24 * upscale)
     assert fps == pytest.approx(8.0)
     assert video.min() >= -1 and video.max() <= 1
 
@@ -140,7 +140,7 @@ def test_prediction_index_has_one_row_per_prompt(trained, tmp_path, monkeypatch)
     cli_main(
         ["predict", "-c", str(QUICKSTART), "--ckpt_path", "last",
          f"--data.init_args.prompts.captions={json.dumps(captions)}", "--data.init_args.prompts.samples_per_prompt=2",
-         "--data.init_args.prompts.frames=2", "--data.init_args.prompts.height=8",
+         "--data.init_args.prompts.frames=8", "--data.init_args.prompts.height=8",
          "--data.init_args.prompts.width=8", "--model.init_args.sampling_steps=2", *QUIET]
     )
     out_dir = tmp_path / callback_args(QUICKSTART, "VideoWriter")["output_dir"]
@@ -149,7 +149,7 @@ def test_prediction_index_has_one_row_per_prompt(trained, tmp_path, monkeypatch)
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
     assert len({r["seed"] for r in rows}) == 4  # each sample of a prompt gets its own seed
     for r in rows:
-        assert (r["frames"], r["height"], r["width"]) == (2, 8, 8)
+        assert (r["frames"], r["height"], r["width"]) == (8, 8, 8)
         assert len(r["files"]) == 3 and all((out_dir / name).is_file() for name in r["files"])
 
 
