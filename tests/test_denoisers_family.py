@@ -8,6 +8,7 @@ import torch
 
 from framework.interfaces import Conditioning, DenoiserIO
 from framework.packing import PackedSequence
+from tests.denoiser_fixtures import random_conditioning, random_denoiser
 from plugins.denoisers.mmdit import MMDiT
 from plugins.denoisers.presets import PRESET_SIZES, Preset, TransformerSize, resolve_size
 from plugins.denoisers.st_dit import AttentionAxis, GroupedLayout, STDiT
@@ -19,21 +20,11 @@ DENOISERS = {"STDiT": STDiT, "MMDiT": MMDiT}
 
 
 def build(name: str, randomise: bool = True, **kwargs):
-    torch.manual_seed(0)
-    model = DENOISERS[name](**{"width": 32, "depth": 3, "num_heads": 2, **kwargs})
-    model.bind(IO)
-    if randomise:  # adaLN-Zero and the zero head make a fresh model output 0 everywhere: randomise every weight
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0.0, 0.2)
-    return model.eval()
+    return random_denoiser(DENOISERS[name], IO, randomise, **{"width": 32, "depth": 3, "num_heads": 2, **kwargs})
 
 
 def conditioning(lengths: list[int], seed: int = 0) -> Conditioning:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]  # [B, L]
-    context = torch.randn(len(lengths), max(lengths), IO.context_dim, generator=g) * mask[..., None]
-    return Conditioning(context, mask, torch.randn(len(lengths), IO.pooled_dim, generator=g))
+    return random_conditioning(IO, lengths, seed)
 
 
 def select(cond: Conditioning, i: int) -> Conditioning:

@@ -21,6 +21,7 @@ from framework.interfaces import Conditioning, DenoiserIO
 from framework.micro_conditions import STILL_IMAGE_FPS, MicroCondition, MicroConditionEmbedder, MicroConditions
 from framework.modules import VideoDiffusion
 from framework.packing import PackedSequence
+from tests.denoiser_fixtures import random_conditioning, random_denoiser
 from framework.video_io import read_video
 from plugins.compressors.pixel import PixelCompressor
 from plugins.conditioners.hashed_text import HashedTextConditioner
@@ -40,21 +41,11 @@ GRIDS = [(3, 2, 4), (1, 4, 4), (2, 3, 1)]  # token grids (t, h, w): mixed frames
 
 
 def build(name: str, randomise: bool = True, **kwargs):
-    torch.manual_seed(0)
-    model = DENOISERS[name](width=32, depth=2, num_heads=2, **kwargs)
-    model.bind(IO)
-    if randomise:  # adaLN-Zero and the zero head make a fresh model output 0 everywhere: randomise every weight
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0.0, 0.2)
-    return model.eval()
+    return random_denoiser(DENOISERS[name], IO, randomise, width=32, depth=2, num_heads=2, **kwargs)
 
 
 def conditioning(lengths: list[int], seed: int = 0) -> Conditioning:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]  # [B, L]
-    context = torch.randn(len(lengths), max(lengths), IO.context_dim, generator=g) * mask[..., None]
-    return Conditioning(context, mask, torch.randn(len(lengths), IO.pooled_dim, generator=g))
+    return random_conditioning(IO, lengths, seed)
 
 
 def select(cond: Conditioning, i: int) -> Conditioning:
