@@ -3,7 +3,7 @@ that the model reads the rate.
 
 Data: ``SyntheticMovingShapes`` with ``frame_rates=[4, 8]``: the object moves 8 pixels per second, so 2 pixels per
 frame at 4 fps and 1 at 8 fps, under the same caption. Only the frame rate tells the two apart. Two models, trained
-side by side in one run on the same batches (the quickstart recipe: pixel-space DiT 128 wide, 4 deep, 2x8x8 patches,
+side by side in one run on the same batches (the quickstart recipe: pixel-space DiT 128 wide, 4 deep, 8x4x4 pixel tubes,
 clean-data rectified flow, EMA):
 
 * ``fps_conditioned``: the DiT with ``micro_conditions: [FPS]``;
@@ -53,11 +53,11 @@ CLIP = (8, 24, 24)  # frames, height, width: 2 px/frame over 8 frames fits
 def build(micro: bool) -> VideoDiffusion:
     torch.manual_seed(0)
     return VideoDiffusion(
-        PixelCompressor(), SpacetimePatcher(2, 8, 8),
+        PixelCompressor(), SpacetimePatcher(8, 4, 4),
         DiT(width=128, depth=4, num_heads=4, micro_conditions=[MicroCondition.FPS] if micro else None),
         HashedTextConditioner(width=64, depth=1, num_heads=4, caption_dropout=0.1),
         RectifiedFlow(shift=3.0, prediction=FlowPrediction.CLEAN),
-        learning_rate=1e-3, warmup_steps=100, ema_decay=0.995, sampling_steps=25, guidance_scale=4.0,
+        learning_rate=2e-3, warmup_steps=100, cosine_decay=False, fused_optimizer=True, ema_decay=0.995, sampling_steps=25, guidance_scale=4.0,
     )
 
 

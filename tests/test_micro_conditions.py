@@ -330,7 +330,7 @@ def test_predict_with_fps_in_a_prompts_file_writes_output_and_names_bad_rows(tra
     )
     with pytest.raises(RuntimeError, match=r"(?s)1 prompt row.*prompts.jsonl:2: field 'fps'"):
         cli_main(["predict", "-c", str(CONFIG), "--ckpt_path", "last", "--data.init_args.prompts.file=prompts.jsonl",
-                  "--data.init_args.prompts.captions=[]", "--data.init_args.prompts.frames=4",
+                  "--data.init_args.prompts.captions=[]", "--data.init_args.prompts.frames=8",
                   "--model.init_args.sampling_steps=2", "--trainer.logger=false",
                   "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
     out_dir = run_dir / "runs/quickstart_micro/samples"
@@ -338,5 +338,5 @@ def test_predict_with_fps_in_a_prompts_file_writes_output_and_names_bad_rows(tra
     assert len(rows) == 3 and "error" in rows[1] and "'fps'" in rows[1]["error"]
     assert (rows[0]["fps"], rows[2]["fps"]) == (4, 8.0)  # the row's rate, else the config's prompts.fps
     video, fps = read_video(out_dir / next(f for f in rows[0]["files"] if f.endswith(".mp4")))
-    assert video.shape[1] == 4 and fps == pytest.approx(4.0)  # the file plays at the asked rate
+    assert video.shape[1] == 8 and fps == pytest.approx(4.0)  # the file plays at the asked rate
     assert (out_dir / rows[2]["files"][0]).is_file()
