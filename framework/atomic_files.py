@@ -60,14 +60,24 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _temporary_path(path: Path) -> Path:
+    """This process's temporary name for ``path``: beside it (same folder, so ``os.replace`` is atomic), hidden."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_synced(target: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``target`` with ``write`` and fsync it, so a later rename never exposes unwritten bytes."""
+    with open(target, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _replace_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` via a fsync-ed temporary file in the same folder and ``os.replace`` (no partial file ever)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_path(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, write)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -89,12 +99,9 @@ def write_verified(path: str | Path, write: Callable[[IO[bytes]], None]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer killed mid-write
         stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary_path(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, write)
         digest = sha256_of(tmp)
         _write_sidecar(path, [digest, *(recorded_digests(path) or [])])
         os.replace(tmp, path)
