@@ -263,10 +263,8 @@ class VideoDiffusion(L.LightningModule):
     def sampling_frame_marker(self) -> Tensor | None:
         """The given-frame marker generation uses (EMA copy when EMA is on); None for a model trained without frame
         conditioning, which then gets plain replacement (given tokens clean, unmarked)."""
-        if self.frame_embedding is None:
-            return None
-        module = self.ema.module["frame_embedding"] if self.ema is not None else self.frame_embedding
-        return module.marker
+        embedding = self.sampling_frame_embedding()
+        return embedding.marker if embedding is not None else None
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -400,9 +398,10 @@ class VideoDiffusion(L.LightningModule):
         clean = self.patcher.patchify([latent.to(self.device, noise_latents[0].dtype) for latent in latents])
         shapes = [tuple(n.shape) for n in noise_latents]
         channels = self.given_channels(self.sampling_frame_embedding(), latents, masks)
-        dropped = {i: n for i, n in enumerate(ungiven_frames(self.patcher, shapes, masks)) if n}
         # A token is given only when all its latent frames are; without channels the others are generated anew.
-        if dropped and channels is None:
+        dropped = {} if channels is not None else {
+            i: n for i, n in enumerate(ungiven_frames(self.patcher, shapes, masks)) if n}
+        if dropped:
             log.warning("generate: given latent frames that share a token with frames to generate are generated, not "
                         "kept (give whole tokens: a multiple of the patcher's frames); {sample: frames}: %s", dropped)
         given = token_mask(self.patcher, shapes, masks).to(self.device)
