@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from framework.activations import TanhGELU
 from framework.attention import AttentionBackend, packed_cross_attention, packed_self_attention
 from framework.interfaces import Conditioning, Denoiser, DenoiserIO
 from framework.micro_conditions import MicroCondition, MicroConditionEmbedder, sinusoidal_features
@@ -81,7 +82,7 @@ class DiTBlock(nn.Module):
         self.cross = CrossAttention(width, num_heads, backend)
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), TanhGELU(), nn.Linear(hidden, width))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context: Tensor | tuple[Tensor, Tensor],
@@ -140,7 +141,7 @@ class DiT(Denoiser):
     def bind(self, io: DenoiserIO) -> None:
         self.io = io
         self.embed = nn.Linear(io.token_dim, self.width)
-        self.context_embed = nn.Sequential(nn.Linear(io.context_dim, self.width), nn.GELU(approximate="tanh"),
+        self.context_embed = nn.Sequential(nn.Linear(io.context_dim, self.width), TanhGELU(),
                                            nn.Linear(self.width, self.width))
         self.pooled_embed = nn.Sequential(nn.Linear(io.pooled_dim, self.width), nn.SiLU(),
                                           nn.Linear(self.width, self.width))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from framework.activations import TanhGELU
 from framework.attention import AttentionBackend, packed_self_attention
 from framework.interfaces import Conditioning, Denoiser, DenoiserIO
 from framework.micro_conditions import MicroCondition, MicroConditionEmbedder
@@ -84,7 +85,7 @@ class Stream(nn.Module):
             self.proj = nn.Linear(width, width)
             self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
             hidden = int(width * mlp_ratio)
-            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), TanhGELU(), nn.Linear(hidden, width))
 
     def qkv_heads(self, x: Tensor, mod: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x`` [n, W], ``mod`` [n, 2W or 6W] -> q, k, v each [n, H, Dh]."""
