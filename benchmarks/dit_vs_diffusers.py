@@ -9,7 +9,10 @@ what matter):
   ``guided_model_fn`` (as ``VideoDiffusion.generate`` does: caption keys/values prepared once per run) vs diffusers'
   ``FlowMatchEulerDiscreteScheduler`` driving the Wan transformer, both unguided; eager, and with ``--compile`` also
   both compiled (ours with ``framework.compilation.compile_in_place``, i.e. ``VideoDiffusion(compile_denoiser=True)``;
-  diffusers' with ``torch.compile``).
+  diffusers' with ``torch.compile``);
+* with ``--compile``, sampling once more inside ``framework.compilation.frozen_weights_compilation()`` (Inductor
+  freezing: weights folded into the graph as constants, which ``VideoDiffusion`` predict does when
+  ``compile_denoiser`` is on), both models compiled afresh, interleaved with eager diffusers as the baseline.
 
 Both models see 640 tokens by default: 2 clips of 16 latent channels x 5 x 16 x 16, patch 1x2x2 (320 tokens each),
 16 caption tokens of width 64. Wan's FFN width is set to 4x the model width, like DiT's MLP. Model FLOPs per step
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from framework.compilation import compile_in_place
+from framework.compilation import compile_in_place, frozen_weights_compilation
 from framework.flop_count import counting_mode
 from framework.guidance import guided_model_fn
 from framework.interfaces import Conditioning, DenoiserIO
@@ -166,6 +169,23 @@ def time_interleaved(
     return wall, cpu
 
 
+def time_sampling(
+    samplers: dict[str, tuple[Ours | Diffusers, torch.nn.Module]], args
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm up (and so compile) each sampler on 2-step runs, then time ``args.sampling_steps``-step runs
+    interleaved, like the training steps."""
+    with torch.no_grad():
+        for name, (system, model) in samplers.items():
+            start = time.perf_counter()
+            for _ in range(2):
+                system.sample(2, model)
+            print(f"sample warm-up {name:28s} {time.perf_counter() - start:6.1f} s")
+        return time_interleaved(
+            {name: (lambda system=system, model=model: system.sample(args.sampling_steps, model))
+             for name, (system, model) in samplers.items()},
+            warmup=0, repeats=args.sampling_repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-width", type=int, default=128)
@@ -229,16 +249,7 @@ def main() -> None:
         samplers[f"{key}/eager"] = (s, s.model)
         if args.compile:
             samplers[f"{key}/compiled"] = (s, s.compiled(s.model))
-    with torch.no_grad():
-        for name, (s, model) in samplers.items():  # warm-up, and compilation of the compiled variants
-            start = time.perf_counter()
-            for _ in range(2):
-                s.sample(2, model)
-            print(f"sample warm-up {name:24s} {time.perf_counter() - start:6.1f} s")
-    with torch.no_grad():  # interleaved, like the training steps
-        sampling, sampling_cpu = time_interleaved(
-            {name: (lambda s=s, model=model: s.sample(args.sampling_steps, model)) for name, (s, model) in samplers.items()},
-            warmup=0, repeats=args.sampling_repeats)
+    sampling, sampling_cpu = time_sampling(samplers, args)
     modes = ["eager", "compiled"] if args.compile else ["eager"]
 
     def summarise(samples: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -252,6 +263,22 @@ def main() -> None:
     cpu_latency, cpu_latency_ratio = summarise(sampling_cpu)
     print(f"sample {args.sampling_steps} steps: {latency} s; ours / diffusers = {latency_ratio}")
     print(f"sample {args.sampling_steps} steps, CPU time: {cpu_latency} s; ours / diffusers = {cpu_latency_ratio}")
+
+    frozen = None
+    if args.compile:
+        with frozen_weights_compilation():  # resets dynamo: the compiled models above are recompiled, now frozen
+            frozen_samplers = {f"{key}/compiled_frozen": (s, s.compiled(s.model)) for key, s in systems.items()}
+            frozen_samplers["diffusers/eager"] = (systems["diffusers"], systems["diffusers"].model)
+            frozen_wall, frozen_cpu = time_sampling(frozen_samplers, args)
+        frozen = {}
+        for clock, samples in (("wall", frozen_wall), ("cpu", frozen_cpu)):
+            latency = {k: round(statistics.median(v), 3) for k, v in samples.items()}
+            frozen[clock] = {"median_latency_s": latency, "ratio": {
+                "ours_frozen_vs_diffusers_frozen":
+                    round(latency["ours/compiled_frozen"] / latency["diffusers/compiled_frozen"], 3),
+                "ours_frozen_vs_diffusers_eager":
+                    round(latency["ours/compiled_frozen"] / latency["diffusers/eager"], 3)}}
+            print(f"sample {args.sampling_steps} steps, weights frozen, {clock}: {latency} s; {frozen[clock]['ratio']}")
 
     import diffusers
 
@@ -268,7 +295,8 @@ def main() -> None:
         "throughput_ratio_ours_over_diffusers_cpu_time": cpu_ratios,
         "sampling": {"steps": args.sampling_steps, "median_latency_s": latency,
                      "latency_ratio_ours_over_diffusers": latency_ratio, "median_cpu_s": cpu_latency,
-                     "cpu_time_ratio_ours_over_diffusers": cpu_latency_ratio},
+                     "cpu_time_ratio_ours_over_diffusers": cpu_latency_ratio,
+                     "frozen_weights_compilation": frozen},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
