@@ -18,7 +18,6 @@ requested size) in generation, the same on both guidance branches (``framework.m
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -30,7 +29,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from framework.compilation import CompileMode, compile_in_place, frozen_weights_compilation
+from framework.compilation import CompileMode, compile_in_place
 from framework.data.prompts import PromptRequest
 from framework.frame_conditioning import (
     FrameCondition,
@@ -123,8 +122,7 @@ class VideoDiffusion(L.LightningModule):
         conditioner weights, which ``generate`` uses: averaged weights give cleaner samples than the last step's.
         ``frame_conditioning`` trains with given clean frames drawn by these mask strategies (docs/conditioning.md).
         ``compile_denoiser`` runs the denoiser (and its EMA copy) through ``torch.compile`` with ``compile_mode`` for
-        training and sampling, compiled once for any packed layout (``framework.compilation``), and while
-        predicting with the weights folded in as constants (``frozen_weights_compilation``);
+        training and sampling, compiled once for any packed layout (``framework.compilation``);
         ``fused_optimizer`` uses AdamW's fused kernel (``fused=True``: one kernel for all parameters, CPU and GPU)."""
         super().__init__()
         if learning_rate <= 0:
@@ -156,7 +154,6 @@ class VideoDiffusion(L.LightningModule):
             channel_dim = patcher.token_dim(compressor.latent_channels + 1) if frame_conditioning.channels else None
             self.frame_embedding = FrameConditionEmbedding(token_dim, channel_dim)
         self._prediction_errors: list[str] = []
-        self._frozen_compilation = contextlib.ExitStack()  # frozen_weights_compilation while predicting compiled
         self.ema = (
             AveragedModel(self.trained_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             .requires_grad_(False)
@@ -450,19 +447,13 @@ class VideoDiffusion(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._prediction_errors = []
-        if self.hparams.compile_denoiser:  # weights are fixed while predicting: let Inductor fold them in
-            self._frozen_compilation.enter_context(frozen_weights_compilation())
 
     def on_predict_end(self) -> None:
-        self._frozen_compilation.close()  # before any error below: no frozen graph outlives prediction
         if self._prediction_errors:
             raise PromptRowsFailed(
                 f"{len(self._prediction_errors)} prompt row(s) failed (the other outputs are written):\n  "
                 + "\n  ".join(self._prediction_errors)
             )
-
-    def teardown(self, stage: str) -> None:
-        self._frozen_compilation.close()  # also when prediction stopped on an exception
 
     def num_parameters(self) -> dict[str, int]:
         return {n: sum(p.numel() for p in getattr(self, n).parameters()) for n in PLUGIN_ARGUMENTS}
