@@ -9,10 +9,7 @@ what matter):
   ``guided_model_fn`` (as ``VideoDiffusion.generate`` does: caption keys/values prepared once per run) vs diffusers'
   ``FlowMatchEulerDiscreteScheduler`` driving the Wan transformer, both unguided; eager, and with ``--compile`` also
   both compiled (ours with ``framework.compilation.compile_in_place``, i.e. ``VideoDiffusion(compile_denoiser=True)``;
-  diffusers' with ``torch.compile``);
-* with ``--compile``, sampling once more inside ``framework.compilation.frozen_weights_compilation()`` (Inductor
-  freezing: weights folded into the graph as constants, which ``VideoDiffusion`` predict does when
-  ``compile_denoiser`` is on), both models compiled afresh, interleaved with eager diffusers as the baseline.
+  diffusers' with ``torch.compile``).
 
 Both models see 640 tokens by default: 2 clips of 16 latent channels x 5 x 16 x 16, patch 1x2x2 (320 tokens each),
 16 caption tokens of width 64. Wan's FFN width is set to 4x the model width, like DiT's MLP. Model FLOPs per step
@@ -38,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from framework.compilation import compile_in_place, frozen_weights_compilation
+from framework.compilation import compile_in_place
 from framework.flop_count import counting_mode
 from framework.guidance import guided_model_fn
 from framework.interfaces import Conditioning, DenoiserIO
@@ -264,22 +261,6 @@ def main() -> None:
     print(f"sample {args.sampling_steps} steps: {latency} s; ours / diffusers = {latency_ratio}")
     print(f"sample {args.sampling_steps} steps, CPU time: {cpu_latency} s; ours / diffusers = {cpu_latency_ratio}")
 
-    frozen = None
-    if args.compile:
-        with frozen_weights_compilation():  # resets dynamo: the compiled models above are recompiled, now frozen
-            frozen_samplers = {f"{key}/compiled_frozen": (s, s.compiled(s.model)) for key, s in systems.items()}
-            frozen_samplers["diffusers/eager"] = (systems["diffusers"], systems["diffusers"].model)
-            frozen_wall, frozen_cpu = time_sampling(frozen_samplers, args)
-        frozen = {}
-        for clock, samples in (("wall", frozen_wall), ("cpu", frozen_cpu)):
-            latency = {k: round(statistics.median(v), 3) for k, v in samples.items()}
-            frozen[clock] = {"median_latency_s": latency, "ratio": {
-                "ours_frozen_vs_diffusers_frozen":
-                    round(latency["ours/compiled_frozen"] / latency["diffusers/compiled_frozen"], 3),
-                "ours_frozen_vs_diffusers_eager":
-                    round(latency["ours/compiled_frozen"] / latency["diffusers/eager"], 3)}}
-            print(f"sample {args.sampling_steps} steps, weights frozen, {clock}: {latency} s; {frozen[clock]['ratio']}")
-
     import diffusers
 
     result = {
@@ -288,15 +269,17 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/dit_vs_diffusers.py", *sys.argv[1:]]),
         "device": "cpu", "threads": args.threads, "dtype": "float32",
         "note": "shared CPU (other jobs running): absolute times are noisy, ratios within this run are what matter; "
-                "the *_cpu figures are this thread's CPU time, which does not count time other jobs held the core",
+                "the *_cpu figures are this thread's CPU time, which does not count time other jobs held the core"
+                + ("" if args.threads == 1 else
+                   f"; with {args.threads} threads they count the calling thread only (it also waits for the others), "
+                   "so the wall figures are the measure"),
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {"tokens_per_step": tokens},
         "parameters": params, "train_step_gflops_counted": {k: round(v / 1e9, 4) for k, v in flops.items()},
         "train": train, "throughput_ratio_ours_over_diffusers": ratios,
         "throughput_ratio_ours_over_diffusers_cpu_time": cpu_ratios,
         "sampling": {"steps": args.sampling_steps, "median_latency_s": latency,
                      "latency_ratio_ours_over_diffusers": latency_ratio, "median_cpu_s": cpu_latency,
-                     "cpu_time_ratio_ours_over_diffusers": cpu_latency_ratio,
-                     "frozen_weights_compilation": frozen},
+                     "cpu_time_ratio_ours_over_diffusers": cpu_latency_ratio},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

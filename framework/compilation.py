@@ -23,20 +23,15 @@ the per-region overhead ate the fusion gains. Mixed-size packs still take graph 
 The module is compiled in place (``nn.Module.compile``), so parameter names, checkpoints and the EMA copy stay as
 they are.
 
-Sampling with weights that no longer change (``kinetoscope predict``) also lets Inductor fold the weights into the
-no-grad graphs as constants (its ``freezing`` option: weight layouts prepacked for the CPU GEMM library, weight-only
-arithmetic precomputed): ``frozen_weights_compilation``. Measured on the same 640-token DiT, one thread: 25.0 ms per
-sampling step frozen vs 31.1 ms compiled and 38.3 ms eager (``benchmarks/dit_vs_diffusers.py`` has the side-by-side).
+Inductor's ``freezing`` option (weights folded into no-grad graphs as constants, prepacked for the CPU GEMM) was
+tried for sampling and dropped: in an interleaved A/B on the same DiT (dynamo reset between phases, one thread) a
+frozen sampling step took 24.6-31.2 ms against 25.1-26.0 ms compiled, i.e. no gain within the machine's noise.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Literal
 
-import torch
-import torch._inductor.config as inductor_config
 from torch import nn
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -49,23 +44,3 @@ def compile_in_place(module: nn.Module, mode: CompileMode = "default") -> nn.Mod
     """Compile ``module``'s forward in place with a dynamic token count; returns the module (names unchanged)."""
     module.compile(dynamic=True, mode=mode)
     return module
-
-
-@contextlib.contextmanager
-def frozen_weights_compilation() -> Iterator[None]:
-    """While active, graphs that TorchDynamo traces for no-grad calls take the module's weights as constants
-    (Inductor's ``freezing``); training graphs (grad enabled) are unaffected.
-
-    Only for runs whose weights do not change while it is active (prediction): a frozen graph keeps computing with the
-    weights it was compiled with, even after they are updated in place (measured: 0.33 max deviation on a DiT whose
-    weights were scaled by 1.1 after compiling). Dynamo's caches are therefore reset on entry (a graph traced earlier
-    would be reused unfrozen: its guards pass) and on exit (so that no frozen graph outlives the block); compiled
-    modules trace again on their next call."""
-    previous = inductor_config.freezing
-    torch._dynamo.reset()
-    inductor_config.freezing = True
-    try:
-        yield
-    finally:
-        inductor_config.freezing = previous
-        torch._dynamo.reset()

@@ -1,5 +1,5 @@
 """Code that takes a different form under torch.compile for speed computes the same values and gradients as its eager
-form, and ``frozen_weights_compilation`` folds weights in only while it is active."""
+form."""
 
 from __future__ import annotations
 
@@ -9,11 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from framework.activations import TanhGELU
-from framework.compilation import frozen_weights_compilation
-from framework.interfaces import Conditioning, DenoiserIO
-from framework.packing import PackedSequence
 from framework.rope import Rope3D, apply_rope
-from plugins.denoisers.dit import DiT
 
 
 def test_compiled_tanh_gelu_matches_the_tanh_formula_and_its_gradient() -> None:
@@ -42,27 +38,3 @@ def test_compiled_rope_matches_the_eager_complex_form() -> None:
     (grad_c,) = torch.autograd.grad(y_c, x, out_grad)
     torch.testing.assert_close(y_c, y, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_c, grad, rtol=1e-6, atol=1e-6)
-
-
-def test_frozen_weights_compilation_folds_weights_only_inside_the_block() -> None:
-    torch.manual_seed(0)
-    model = DiT(width=32, depth=1, num_heads=2)
-    model.bind(DenoiserIO(token_dim=12, context_dim=8, pooled_dim=8))
-    for p in model.parameters():  # leave the zero init, so that every weight matters
-        torch.nn.init.normal_(p, std=0.1)
-    model.eval().compile(dynamic=True)
-    g = torch.Generator().manual_seed(1)
-    x = PackedSequence.from_grids([torch.randn(2, 3, 4, 12, generator=g) for _ in range(2)])  # 2 x 24 tokens
-    cond = Conditioning(torch.randn(2, 5, 8, generator=g), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 8, generator=g))
-    t = torch.tensor([0.3, 0.8])
-    weight = model.blocks[0].mlp[0].weight
-    with torch.no_grad():
-        with frozen_weights_compilation():
-            frozen = model(x, t, cond).tokens
-            torch.testing.assert_close(frozen, model.forward(x, t, cond).tokens, rtol=1e-4, atol=1e-5)  # eager
-            weight.mul_(2.0)
-            # the graph took the weights as constants (so they must not change while it is active)
-            torch.testing.assert_close(model(x, t, cond).tokens, frozen)
-        # after the block the compiled module traces again and follows its current weights
-        torch.testing.assert_close(model(x, t, cond).tokens, model.forward(x, t, cond).tokens, rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(model(x, t, cond).tokens, frozen, atol=1e-3)
