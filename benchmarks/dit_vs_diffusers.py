@@ -16,9 +16,19 @@ Both models see 640 tokens by default: 2 clips of 16 latent channels x 5 x 16 x 
 are counted with ``framework.flop_count`` (PyTorch's FlopCounterMode plus the CPU attention kernel it misses), not
 estimated, and reported next to the throughput.
 
+``--precision bf16`` runs forward and loss under ``torch.autocast(bfloat16)`` with fp32 weights and optimizer state
+(what Lightning's ``precision="bf16-mixed"`` does), for both models. ``--device cuda`` moves both models and inputs to
+the GPU and synchronises around every timed call. Model FLOPs utilisation (MFU) is the counted FLOPs per step over
+the step time, divided by a peak: the card's dense spec figure for known GPUs (``GPU_PEAK_TFLOPS``, or
+``--peak-tflops``), and in every case also the throughput of a large square matmul measured here at the same
+precision (``measured_gemm_tflops``), the rate a perfect implementation's matmuls could reach on this machine.
+
     pip install -e .[diffusers]
     python benchmarks/dit_vs_diffusers.py --threads 1     # eager, writes benchmarks/results/dit_vs_diffusers.json
     python benchmarks/dit_vs_diffusers.py --compile       # also torch.compile (slow to compile on a small CPU)
+    python benchmarks/dit_vs_diffusers.py --device cuda --precision bf16 --compile \
+        --model-width 1152 --depth 28 --heads 16 --frames 8 --height 64 --width 64 \
+        --out benchmarks/results/dit_vs_diffusers_h100_bf16.json   # DiT-XL widths on a GPU
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -45,14 +56,53 @@ from plugins.samplers.rectified_flow import RectifiedFlow
 
 ROOT = Path(__file__).resolve().parents[1]
 
+GPU_PEAK_TFLOPS = {  # dense (no sparsity) tensor-core peaks from the vendors' data sheets, by substring of the name
+    "bf16": {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0},
+    "fp32": {"H200": 66.9, "H100 PCIe": 51.2, "H100": 66.9, "A100": 19.5},  # fp32 without TF32
+}
+
+
+def spec_peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The data-sheet peak of this GPU at ``precision``, or None (CPU, or a card not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_TFLOPS[precision].items() if key in name), None)
+
+
+def measured_gemm_tflops(device: torch.device, precision: str, size: int) -> float:
+    """TFLOP/s of a ``size`` x ``size`` x ``size`` matmul at ``precision``: the matmul rate this machine reaches."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(args) -> AbstractContextManager:
+    """bf16 autocast around forward and loss when ``--precision bf16`` (weights stay fp32), else a no-op."""
+    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
 
 def make_inputs(args) -> dict:
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(args.batch, args.channels, args.frames, args.height, args.width, generator=g)  # [B, C, T, H, W]
-    target = torch.randn_like(latent)
+    target = torch.randn(latent.shape, generator=g)
     context = torch.randn(args.batch, args.context_len, args.context_dim, generator=g)  # [B, L, Dc]
     t = torch.rand(args.batch, generator=g)  # [B] in [0, 1]
-    return {"latent": latent, "target": target, "context": context, "t": t}
+    return {k: v.to(args.device) for k, v in {"latent": latent, "target": target, "context": context, "t": t}.items()}
 
 
 def patchify(latent: torch.Tensor) -> PackedSequence:
@@ -72,14 +122,18 @@ class Ours:
         self.model = DiT(width=args.model_width, depth=args.depth, num_heads=args.heads)
         self.model.bind(DenoiserIO(token_dim=args.channels * 4, context_dim=args.context_dim,
                                    pooled_dim=args.context_dim))
+        self.model.to(args.device)
         self.x = patchify(inputs["latent"])
         self.target = patchify(inputs["target"]).tokens
-        mask = torch.ones(args.batch, args.context_len, dtype=torch.bool)
+        mask = torch.ones(args.batch, args.context_len, dtype=torch.bool, device=args.device)
         self.cond = Conditioning(inputs["context"], mask, inputs["context"].mean(1))
         self.t = inputs["t"]
+        self.args = args
 
     def loss(self, model) -> torch.Tensor:
-        return torch.nn.functional.mse_loss(model(self.x, self.t, self.cond).tokens, self.target)
+        with autocast(self.args):
+            prediction = model(self.x, self.t, self.cond).tokens  # [N, token_dim]
+        return torch.nn.functional.mse_loss(prediction.float(), self.target)
 
     @staticmethod
     def compiled(model):
@@ -88,7 +142,8 @@ class Ours:
     @torch.no_grad()
     def sample(self, steps: int, model=None) -> torch.Tensor:
         model_fn = guided_model_fn(self.model if model is None else model, self.cond, None, 1.0)  # unguided, as generate() binds it
-        return RectifiedFlow(shift=3.0).sample(model_fn, self.x, steps).tokens
+        with autocast(self.args):
+            return RectifiedFlow(shift=3.0).sample(model_fn, self.x, steps).tokens
 
 
 class Diffusers:
@@ -101,13 +156,15 @@ class Diffusers:
             patch_size=(1, 2, 2), num_attention_heads=args.heads, attention_head_dim=args.model_width // args.heads,
             in_channels=args.channels, out_channels=args.channels, text_dim=args.context_dim, freq_dim=256,
             ffn_dim=4 * args.model_width, num_layers=args.depth,
-        )
+        ).to(args.device)
         self.latent, self.target, self.context = inputs["latent"], inputs["target"], inputs["context"]
         self.timestep = inputs["t"] * 1000  # Wan takes timesteps in [0, 1000]
+        self.args = args
 
     def loss(self, model) -> torch.Tensor:
-        out = model(self.latent, self.timestep, self.context, return_dict=False)[0]  # [B, C, T, H, W]
-        return torch.nn.functional.mse_loss(out, self.target)
+        with autocast(self.args):
+            out = model(self.latent, self.timestep, self.context, return_dict=False)[0]  # [B, C, T, H, W]
+        return torch.nn.functional.mse_loss(out.float(), self.target)
 
     @staticmethod
     def compiled(model):
@@ -121,9 +178,10 @@ class Diffusers:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         scheduler.set_timesteps(steps)
         x = self.latent
-        for t in scheduler.timesteps:
-            velocity = model(x, t.expand(x.shape[0]), self.context, return_dict=False)[0]
-            x = scheduler.step(velocity, t, x, return_dict=False)[0]
+        with autocast(self.args):
+            for t in scheduler.timesteps.to(x.device):
+                velocity = model(x, t.expand(x.shape[0]), self.context, return_dict=False)[0]
+                x = scheduler.step(velocity, t, x, return_dict=False)[0]
         return x
 
 
@@ -149,18 +207,21 @@ def counted_flops(system) -> int:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], None]], warmup: int, repeats: int
+    fns: dict[str, Callable[[], None]], warmup: int, repeats: int, device: torch.device
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall-clock and this thread's CPU seconds per call. On a shared machine the wall clock also counts the time
-    other jobs held the core; the thread's CPU time does not (with one intra-op thread, all compute is on it)."""
+    other jobs held the core; the thread's CPU time does not (with one intra-op thread, all compute is on it).
+    On a GPU the device is synchronised before and after each call, so the wall clock covers its kernels."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
     for _ in range(repeats):  # alternate so that load spikes on the shared CPU hit every variant alike
         for name, fn in fns.items():
+            synchronize(device)
             start, start_cpu = time.perf_counter(), time.thread_time()
             fn()
+            synchronize(device)
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.thread_time() - start_cpu)
     return wall, cpu
@@ -169,18 +230,19 @@ def time_interleaved(
 def time_sampling(
     samplers: dict[str, tuple[Ours | Diffusers, torch.nn.Module]], args
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Warm up (and so compile) each sampler on 2-step runs, then time ``args.sampling_steps``-step runs
-    interleaved, like the training steps."""
+    """Warm up (and so compile) each sampler on one run of ``args.sampling_steps`` steps, then time such runs
+    interleaved, like the training steps. The warm-up uses the timed step count: a compiled model may specialise
+    on it (ours does not since guided_model_fn copies the timestep, tests/test_compile.py), and a recompile must
+    not land in a timed run."""
     with torch.no_grad():
         for name, (system, model) in samplers.items():
             start = time.perf_counter()
-            for _ in range(2):
-                system.sample(2, model)
+            system.sample(args.sampling_steps, model)
             print(f"sample warm-up {name:28s} {time.perf_counter() - start:6.1f} s")
         return time_interleaved(
             {name: (lambda system=system, model=model: system.sample(args.sampling_steps, model))
              for name, (system, model) in samplers.items()},
-            warmup=0, repeats=args.sampling_repeats)
+            warmup=0, repeats=args.sampling_repeats, device=args.device)
 
 
 def main() -> None:
@@ -201,8 +263,17 @@ def main() -> None:
     parser.add_argument("--sampling-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu or cuda")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: forward and loss under bf16 autocast, fp32 weights (Lightning's bf16-mixed)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak at --precision, for MFU (default: GPU_PEAK_TFLOPS for known GPUs)")
+    parser.add_argument("--gemm-size", type=int, default=None,
+                        help="side of the square matmul whose rate is the measured peak (default 2048 CPU, 8192 GPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dit_vs_diffusers.json")
     args = parser.parse_args()
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     inputs = make_inputs(args)
@@ -212,6 +283,12 @@ def main() -> None:
     flops = {k: counted_flops(s) for k, s in systems.items()}
     print(f"{tokens} tokens per step; parameters {params}; counted train-step GFLOPs "
           f"{ {k: round(v / 1e9, 3) for k, v in flops.items()} }")
+    gemm_size = args.gemm_size or (8192 if args.device.type == "cuda" else 2048)
+    gemm_tflops = measured_gemm_tflops(args.device, args.precision, gemm_size)
+    spec_tflops = args.peak_tflops or spec_peak_tflops(args.device, args.precision)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "cpu"
+    print(f"{device_name}: {args.precision} {gemm_size}^3 matmul {gemm_tflops:.3f} TFLOP/s; "
+          f"spec peak {spec_tflops or 'unknown'} TFLOP/s")
 
     variants = {}
     for key in systems:
@@ -220,16 +297,21 @@ def main() -> None:
         if args.compile:
             variants[f"{key}/compiled/adamw_fused"] = (key, True, True)
     fns = {name: train_step_fn(systems[key], fused, compiled) for name, (key, fused, compiled) in variants.items()}
-    times, cpu_times = time_interleaved(fns, args.warmup, args.repeats)
+    times, cpu_times = time_interleaved(fns, args.warmup, args.repeats, args.device)
     train = {}
     for name, samples in times.items():
         median, median_cpu = statistics.median(samples), statistics.median(cpu_times[name])
         key = variants[name][0]
+        achieved_tflops = flops[key] / median / 1e12
         train[name] = {"median_step_ms": round(1000 * median, 2), "tokens_per_s": round(tokens / median),
-                       "achieved_gflops_per_s": round(flops[key] / median / 1e9, 2),
+                       "achieved_gflops_per_s": round(1000 * achieved_tflops, 2),
+                       "mfu_vs_measured_gemm": round(achieved_tflops / gemm_tflops, 4),
+                       "mfu_vs_spec_peak": round(achieved_tflops / spec_tflops, 4) if spec_tflops else None,
                        "median_step_cpu_ms": round(1000 * median_cpu, 2)}
+        mfu = f"MFU {100 * achieved_tflops / spec_tflops:.1f}% of spec, " if spec_tflops else ""
         print(f"train  {name:32s} {1000 * median:8.1f} ms/step  {tokens / median:9.0f} tokens/s  "
-              f"(CPU {1000 * median_cpu:.1f} ms)")
+              f"({mfu}{100 * achieved_tflops / gemm_tflops:.1f}% of measured matmul rate; "
+              f"CPU {1000 * median_cpu:.1f} ms)")
     ratios, cpu_ratios = {}, {}
     for variant in sorted({n.split("/", 1)[1] for n in train}):
         ratios[variant] = round(train[f"ours/{variant}"]["tokens_per_s"] / train[f"diffusers/{variant}"]["tokens_per_s"], 3)
@@ -267,13 +349,18 @@ def main() -> None:
         "what": "training-step tokens/s and sampling latency, kinetoscope DiT vs diffusers WanTransformer3DModel "
                 "with identical width/depth/heads on identical input, interleaved in one run",
         "command": " ".join(["python", "benchmarks/dit_vs_diffusers.py", *sys.argv[1:]]),
-        "device": "cpu", "threads": args.threads, "dtype": "float32",
-        "note": "shared CPU (other jobs running): absolute times are noisy, ratios within this run are what matter; "
-                "the *_cpu figures are this thread's CPU time, which does not count time other jobs held the core"
-                + ("" if args.threads == 1 else
-                   f"; with {args.threads} threads they count the calling thread only (it also waits for the others), "
-                   "so the wall figures are the measure"),
-        "config": {k: v for k, v in vars(args).items() if k != "out"} | {"tokens_per_step": tokens},
+        "device": str(args.device), "device_name": device_name, "threads": args.threads,
+        "precision": "float32" if args.precision == "fp32" else "bf16 autocast, fp32 weights",
+        "peak_tflops": {"measured_gemm": round(gemm_tflops, 4), "gemm_size": gemm_size, "spec": spec_tflops},
+        "note": ("wall times with the GPU synchronised around each call; the *_cpu figures are host time only and "
+                 "do not measure the GPU" if args.device.type == "cuda" else
+                 "shared CPU (other jobs running): absolute times are noisy, ratios within this run are what matter; "
+                 "the *_cpu figures are this thread's CPU time, which does not count time other jobs held the core"
+                 + ("" if args.threads == 1 else
+                    f"; with {args.threads} threads they count the calling thread only (it also waits for the "
+                    "others), so the wall figures are the measure")),
+        "config": {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items() if k != "out"}
+                  | {"tokens_per_step": tokens},
         "parameters": params, "train_step_gflops_counted": {k: round(v / 1e9, 4) for k, v in flops.items()},
         "train": train, "throughput_ratio_ours_over_diffusers": ratios,
         "throughput_ratio_ours_over_diffusers_cpu_time": cpu_ratios,

@@ -39,7 +39,11 @@ def guided_model_fn(
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
     if null is None or scale == 1.0:
         prepared = denoiser.prepare(cond)  # caption-only work once, not at every step
-        return lambda x, t: denoiser(x, t, prepared)
+        # t is usually a row of the sampler's [steps + 1, B] schedule, i.e. a view. TorchDynamo guards a view input
+        # on its base's size too, and duck sizing ties that size to any equal one (e.g. 3 latent frames for 2
+        # steps), so a compiled denoiser recompiled when the step count changed (measured: 11-15 s on CPU). A copy
+        # has no base; the guided branch's torch.cat makes one already.
+        return lambda x, t: denoiser(x, t.clone(), prepared)
     if null.batch_size != cond.batch_size:
         raise ValueError(
             f"guidance: the unconditional branch has {null.batch_size} samples, the conditional one {cond.batch_size}"
