@@ -1,0 +1,97 @@
+"""CUDA-only paths, skipped without a GPU (the CI machine has none; run ``pytest tests/test_cuda.py`` where one is lent):
+Lightning's FSDP1 strategy (``strategy: fsdp``, which refuses CPU) with bf16 autocast and a checkpoint that loads into
+an unwrapped model; the xformers attention kernel on a mixed-size pack against the per-sample SDPA reference, forward
+and backward; the compiled DiT in bf16 on the GPU against the eager one."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from framework.attention import AttentionBackend, packed_self_attention, xformers_available
+from framework.compilation import compile_in_place
+from framework.data.datamodules import SyntheticVideoDataModule
+from framework.interfaces import Conditioning, DenoiserIO
+from framework.packing import PackedSequence
+from plugins.denoisers.dit import DiT
+from tests.test_training_switches import tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_fsdp_strategy_trains_in_bf16_and_its_checkpoint_loads_into_an_unwrapped_model(tmp_path) -> None:
+    L.seed_everything(0)
+    model, initial = tiny_model(), tiny_model().state_dict()
+    dtypes: list[torch.dtype] = []
+    model.denoiser.head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    data = SyntheticVideoDataModule(num_samples=8, sizes=((4, 8, 8), (2, 8, 16)), batch_size=4, seed=0)
+    trainer = L.Trainer(accelerator="cuda", devices=1, strategy="fsdp", precision="bf16-mixed", max_steps=3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # autocast ran the denoiser in bf16 under FSDP
+    path = tmp_path / "fsdp.ckpt"
+    trainer.save_checkpoint(path)  # one file with full (gathered) weights on a single device
+    restored = tiny_model()
+    restored.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])  # strict
+    weights = restored.state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    changed = [name for name, w in weights.items() if not torch.equal(w, initial[name])]
+    assert len(changed) > 10, f"training under FSDP changed only {changed}"
+
+
+def mixed_pack(sizes: list[tuple[int, int, int]], dim: int, device: str) -> PackedSequence:
+    grids = [torch.randn(*size, dim, generator=torch.Generator().manual_seed(i)) for i, size in enumerate(sizes)]
+    return PackedSequence.from_grids(grids).to(device)
+
+
+@pytest.mark.skipif(not xformers_available(), reason="xformers is not importable")
+def test_xformers_matches_per_sample_sdpa_forward_and_backward_on_a_mixed_pack() -> None:
+    packed = mixed_pack([(2, 4, 6), (1, 8, 8), (3, 2, 5)], dim=1, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(packed.tokens.shape[0], 4, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+               for _ in range(3))  # [N, H, Dh]
+    weight = torch.randn(q.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    results = {}
+    for backend in (AttentionBackend.XFORMERS, AttentionBackend.SDPA_LOOP):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = packed_self_attention(*inputs, packed, backend)  # [N, H, Dh]
+        grads = torch.autograd.grad((out.float() * weight.float()).sum(), inputs)
+        results[backend] = (out, grads)
+    (out_x, grads_x), (out_s, grads_s) = results[AttentionBackend.XFORMERS], results[AttentionBackend.SDPA_LOOP]
+    torch.testing.assert_close(out_x.float(), out_s.float(), rtol=2e-2, atol=2e-2)
+    for name, got, expected in zip("qkv", grads_x, grads_s):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=5e-2, atol=5e-2, msg=f"grad {name}")
+
+
+def test_compiled_dit_in_bf16_matches_eager_on_the_gpu() -> None:
+    torch.manual_seed(0)
+    eager = DiT(width=64, depth=2, num_heads=4)
+    eager.bind(DenoiserIO(token_dim=16, context_dim=32, pooled_dim=32))
+    for p in eager.parameters():  # leave the zero init, so every weight matters
+        torch.nn.init.normal_(p, std=0.05)
+    eager.cuda()
+    compiled = DiT(width=64, depth=2, num_heads=4)
+    compiled.bind(DenoiserIO(token_dim=16, context_dim=32, pooled_dim=32))
+    compiled.cuda().load_state_dict(eager.state_dict())
+    compile_in_place(compiled)
+    x = mixed_pack([(2, 8, 8), (2, 8, 8)], dim=16, device="cuda")  # equal sizes: the dense, fully traced path
+    g = torch.Generator(device="cuda").manual_seed(1)
+    context = torch.randn(2, 5, 32, device="cuda", generator=g)
+    cond = Conditioning(context, torch.ones(2, 5, dtype=torch.bool, device="cuda"), context.mean(1))
+    t = torch.rand(2, device="cuda", generator=g)
+    outputs = []
+    for model in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, t, cond).tokens  # [N, 16]
+        loss = out.float().pow(2).mean()
+        loss.backward()
+        outputs.append((out.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (out_e, grads_e), (out_c, grads_c) = outputs
+    assert out_c.dtype == out_e.dtype and out_c.shape == (x.tokens.shape[0], 16)
+    torch.testing.assert_close(out_c, out_e, rtol=3e-2, atol=3e-2)
+    assert grads_c.keys() == grads_e.keys()
+    for name, grad in grads_e.items():
+        scale = grad.abs().max().clamp_min(1e-6)
+        assert (grads_c[name] - grad).abs().max() / scale < 0.1, f"gradient of {name}"
