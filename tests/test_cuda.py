@@ -13,8 +13,9 @@ from framework.attention import AttentionBackend, packed_self_attention, xformer
 from framework.compilation import compile_in_place
 from framework.data.datamodules import SyntheticVideoDataModule
 from framework.interfaces import Conditioning, DenoiserIO
-from framework.packing import PackedSequence
 from plugins.denoisers.dit import DiT
+from tests.denoiser_fixtures import random_conditioning, random_denoiser
+from tests.test_attention import MIXED, pack_of, qkv
 from tests.test_training_switches import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -41,23 +42,16 @@ def test_fsdp_strategy_trains_in_bf16_and_its_checkpoint_loads_into_an_unwrapped
     assert len(changed) > 10, f"training under FSDP changed only {changed}"
 
 
-def mixed_pack(sizes: list[tuple[int, int, int]], dim: int, device: str) -> PackedSequence:
-    grids = [torch.randn(*size, dim, generator=torch.Generator().manual_seed(i)) for i, size in enumerate(sizes)]
-    return PackedSequence.from_grids(grids).to(device)
-
-
 @pytest.mark.skipif(not xformers_available(), reason="xformers is not importable")
 def test_xformers_matches_per_sample_sdpa_forward_and_backward_on_a_mixed_pack() -> None:
-    packed = mixed_pack([(2, 4, 6), (1, 8, 8), (3, 2, 5)], dim=1, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(packed.tokens.shape[0], 4, 64, device="cuda", generator=g, dtype=torch.bfloat16)
-               for _ in range(3))  # [N, H, Dh]
-    weight = torch.randn(q.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    packed = MIXED.to("cuda")
+    q, k, v = (x.cuda() for x in qkv(MIXED, dtype=torch.bfloat16))  # [N, H, Dh]
+    weight = torch.randn(q.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     results = {}
     for backend in (AttentionBackend.XFORMERS, AttentionBackend.SDPA_LOOP):
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
         out = packed_self_attention(*inputs, packed, backend)  # [N, H, Dh]
-        grads = torch.autograd.grad((out.float() * weight.float()).sum(), inputs)
+        grads = torch.autograd.grad((out.float() * weight).sum(), inputs)
         results[backend] = (out, grads)
     (out_x, grads_x), (out_s, grads_s) = results[AttentionBackend.XFORMERS], results[AttentionBackend.SDPA_LOOP]
     torch.testing.assert_close(out_x.float(), out_s.float(), rtol=2e-2, atol=2e-2)
@@ -66,21 +60,20 @@ def test_xformers_matches_per_sample_sdpa_forward_and_backward_on_a_mixed_pack()
 
 
 def test_compiled_dit_in_bf16_matches_eager_on_the_gpu() -> None:
-    torch.manual_seed(0)
-    eager = DiT(width=64, depth=2, num_heads=4)
-    eager.bind(DenoiserIO(token_dim=16, context_dim=32, pooled_dim=32))
-    for p in eager.parameters():  # leave the zero init, so every weight matters
-        torch.nn.init.normal_(p, std=0.05)
+    io = DenoiserIO(token_dim=16, context_dim=32, pooled_dim=32)
+    eager = random_denoiser(DiT, io, randomise=False, width=64, depth=2, num_heads=4)
+    with torch.no_grad():  # random_denoiser's std 0.2 makes activations too large for bf16 at these tolerances
+        for p in eager.parameters():  # (leaving the zero init would leave most weights without effect)
+            p.normal_(0.0, 0.05)
     eager.cuda()
-    compiled = DiT(width=64, depth=2, num_heads=4)
-    compiled.bind(DenoiserIO(token_dim=16, context_dim=32, pooled_dim=32))
-    compiled.cuda().load_state_dict(eager.state_dict())
+    compiled = random_denoiser(DiT, io, randomise=False, width=64, depth=2, num_heads=4).cuda()
+    compiled.load_state_dict(eager.state_dict())
     compile_in_place(compiled)
-    x = mixed_pack([(2, 8, 8), (2, 8, 8)], dim=16, device="cuda")  # equal sizes: the dense, fully traced path
-    g = torch.Generator(device="cuda").manual_seed(1)
-    context = torch.randn(2, 5, 32, device="cuda", generator=g)
-    cond = Conditioning(context, torch.ones(2, 5, dtype=torch.bool, device="cuda"), context.mean(1))
-    t = torch.rand(2, device="cuda", generator=g)
+    tokens = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))  # [N, 16]
+    x = pack_of([(2, 8, 8), (2, 8, 8)], dim=16).with_tokens(tokens).to("cuda")  # equal sizes: fully traced path
+    cpu_cond = random_conditioning(io, [5, 5], seed=1)
+    cond = Conditioning(cpu_cond.context.cuda(), cpu_cond.context_mask.cuda(), cpu_cond.pooled.cuda())
+    t = torch.rand(2, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     outputs = []
     for model in (eager, compiled):
         with torch.autocast("cuda", dtype=torch.bfloat16):
