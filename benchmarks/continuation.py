@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 from framework.data.synthetic import SyntheticMovingShapes, render_clip
-from framework.frame_conditioning import FrameCondition, token_mask, ungiven_frames
+from framework.generation.frame_conditioning import FrameCondition, token_mask, ungiven_frames
 from framework.metrics.motion_probe import score_clip
 from framework.modules import VideoDiffusion
 from framework.modules.video_diffusion import with_given_tokens
-from framework.registry import default_registry
+from framework.core.registry import default_registry
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "continuation.json"

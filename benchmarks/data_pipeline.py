@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from framework.cli import cli_main
+from framework.cli.lightning_cli import cli_main
 from framework.data.buckets import BucketConfig, TokenGeometry
 from framework.data.datamodules import ManifestVideoDataModule
 from framework.data.manifest import ClipSampling, ClipStart

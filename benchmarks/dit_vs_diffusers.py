@@ -8,12 +8,12 @@ what matter):
 * sampling latency for ``--sampling-steps`` (50) steps: our RectifiedFlow Euler sampler calling our DiT through
   ``guided_model_fn`` (as ``VideoDiffusion.generate`` does: caption keys/values prepared once per run) vs diffusers'
   ``FlowMatchEulerDiscreteScheduler`` driving the Wan transformer, both unguided; eager, and with ``--compile`` also
-  both compiled (ours with ``framework.compilation.compile_in_place``, i.e. ``VideoDiffusion(compile_denoiser=True)``;
+  both compiled (ours with ``framework.training.compilation.compile_in_place``, i.e. ``VideoDiffusion(compile_denoiser=True)``;
   diffusers' with ``torch.compile``).
 
 Both models see 640 tokens by default: 2 clips of 16 latent channels x 5 x 16 x 16, patch 1x2x2 (320 tokens each),
 16 caption tokens of width 64. Wan's FFN width is set to 4x the model width, like DiT's MLP. Model FLOPs per step
-are counted with ``framework.flop_count`` (PyTorch's FlopCounterMode plus the CPU attention kernel it misses), not
+are counted with ``framework.training.flop_count`` (PyTorch's FlopCounterMode plus the CPU attention kernel it misses), not
 estimated, and reported next to the throughput.
 
 ``--precision bf16`` runs forward and loss under ``torch.autocast(bfloat16)`` with fp32 weights and optimizer state
@@ -46,11 +46,11 @@ from pathlib import Path
 
 import torch
 
-from framework.compilation import compile_in_place
-from framework.flop_count import counting_mode
-from framework.guidance import guided_model_fn
-from framework.interfaces import Conditioning, DenoiserIO
-from framework.packing import PackedSequence
+from framework.training.compilation import compile_in_place
+from framework.training.flop_count import counting_mode
+from framework.generation.guidance import guided_model_fn
+from framework.core.interfaces import Conditioning, DenoiserIO
+from framework.layers.packing import PackedSequence
 from plugins.denoisers.dit import DiT
 from plugins.samplers.rectified_flow import RectifiedFlow
 

@@ -24,7 +24,7 @@ from framework.data.manifest import read_manifest
 from framework.metrics.evaluation import VideoMetricSuite
 from framework.metrics.fvd import FrechetVideoDistance
 from framework.metrics.i3d_weights import I3DWeightsMissingError, load_i3d
-from framework.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video
+from framework.data.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "metrics_real_clips.json"

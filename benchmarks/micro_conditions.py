@@ -36,7 +36,7 @@ import torch
 from framework.data.datamodules import SyntheticVideoDataModule
 from framework.data.synthetic import SyntheticMovingShapes
 from framework.metrics.motion_probe import track_object
-from framework.micro_conditions import MicroCondition, MicroConditions
+from framework.core.micro_conditions import MicroCondition, MicroConditions
 from framework.modules import VideoDiffusion
 from plugins.compressors.pixel import PixelCompressor
 from plugins.conditioners.hashed_text import HashedTextConditioner

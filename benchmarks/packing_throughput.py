@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from framework.attention import AttentionBackend, resolve_backend
-from framework.interfaces import Conditioning, DenoiserIO
-from framework.packing import PackedSequence
+from framework.layers.attention import AttentionBackend, resolve_backend
+from framework.core.interfaces import Conditioning, DenoiserIO
+from framework.layers.packing import PackedSequence
 from plugins.denoisers.dit import DiT
 
 RESULTS = Path(__file__).resolve().parent / "results" / "packing_throughput.json"

@@ -22,7 +22,7 @@ import torch
 
 from framework.metrics.probes import CameraPanProbe, ConstantMotionProbe, ObjectPermanenceProbe, text_to_video
 from framework.modules import VideoDiffusion
-from framework.registry import default_registry
+from framework.core.registry import default_registry
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "probes_quickstart.json"

@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from framework.cli import cli_main
+from framework.cli.lightning_cli import cli_main
 from framework.data.synthetic import BACKGROUND_COLOURS, DIRECTIONS, OBJECT_COLOURS, SHAPES
 from framework.metrics.motion_probe import score_clip
 
@@ -39,7 +39,7 @@ def run_quickstart(config: Path, run_dir: Path) -> dict:
     for name, args in (("fit", ["fit", "-c", str(config)]),
                        ("predict", ["predict", "-c", str(config), "--ckpt_path", "last"])):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "framework.cli", *args, "--trainer.enable_progress_bar=false"],
+        subprocess.run([sys.executable, "-m", "framework.cli.main", *args, "--trainer.enable_progress_bar=false"],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         timings[f"{name}_s"] = round(time.perf_counter() - start, 1)
     timings["total_s"] = round(timings["fit_s"] + timings["predict_s"], 1)

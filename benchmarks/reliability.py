@@ -8,7 +8,7 @@ checkpoints every 2 steps through ``SafeCheckpointIO``, 20 steps):
    the reference (bit equality) -- with the full setup, and as ablations without ``RNGStateCallback`` and with a
    plain DataLoader instead of ``ResumableDataLoader``, to show what each part contributes.
 2. **Kill during checkpoint writes.** A process rewrites a 4 MB checkpoint in a loop with
-   ``framework.atomic_files.write_verified`` (the path ``SafeCheckpointIO`` uses); it is SIGKILLed at random times,
+   ``framework.training.atomic_files.write_verified`` (the path ``SafeCheckpointIO`` uses); it is SIGKILLed at random times,
    and after every kill the file must verify against its digest and load with ``weights_only``.
 3. **Bad data.** The hypothesis fuzz of ``tests/test_reliability_fuzz.py`` with more examples, plus every fault kind
    once per manifest format: bad rows tried, reported, good rows lost.
@@ -46,8 +46,8 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from framework.checkpointing import load_checkpoint_safely  # noqa: E402
-from framework.reliability import read_loss_log  # noqa: E402
+from framework.training.checkpointing import load_checkpoint_safely  # noqa: E402
+from framework.training.reliability import read_loss_log  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ 1. kill and resume
@@ -65,7 +65,7 @@ def variant_config(folder: Path, variant: str) -> Path:
 
 def start_fit(cwd: Path, config: Path, *extra: str) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "framework.cli", "fit", "-c", str(config), f"--trainer.max_steps={MAX_STEPS}",
+    command = [sys.executable, "-m", "framework.cli.main", "fit", "-c", str(config), f"--trainer.max_steps={MAX_STEPS}",
                *extra]
     return subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -126,7 +126,7 @@ def kill_and_resume(work: Path, kill_steps: list[int]) -> dict:
 # ------------------------------------------------------------------------------- 2. kills during checkpoint writes
 WRITER = textwrap.dedent("""
     import sys, torch
-    from framework.atomic_files import write_verified
+    from framework.training.atomic_files import write_verified
     path = sys.argv[1]
     step = 0
     while True:
@@ -141,7 +141,7 @@ def kills_during_writes(work: Path, kills: int, seed: int) -> dict:
     path.parent.mkdir(parents=True)
     import torch
 
-    from framework.atomic_files import write_verified
+    from framework.training.atomic_files import write_verified
 
     write_verified(path, lambda f: torch.save({"step": 0, "w": torch.zeros(1_000_000)}, f))  # the first good one
     survived, steps = 0, []

@@ -4,7 +4,7 @@ The seed's claim is that quality improves with training compute. This trains a l
 of the S/B/L/XL presets, scaled down so the whole sweep runs on a CPU in minutes) with the same recipe on the
 built-in synthetic dataset and records, every ``--eval-every`` steps, the rectified-flow loss on a held-out set
 (fixed clips, timesteps and noise, so every model and step is scored on identical problems) against the training
-FLOPs spent so far. FLOPs are counted with ``framework.flop_count`` (PyTorch's FlopCounterMode plus the CPU
+FLOPs spent so far. FLOPs are counted with ``framework.training.flop_count`` (PyTorch's FlopCounterMode plus the CPU
 attention kernel it misses) on one real training step (forward + backward; the optimizer's elementwise work is
 left out), not estimated from a formula.
 
@@ -28,8 +28,8 @@ import torch
 
 from framework.data.datamodules import collate_videos
 from framework.data.synthetic import SyntheticMovingShapes
-from framework.flop_count import counting_mode
-from framework.interfaces import Denoiser
+from framework.training.flop_count import counting_mode
+from framework.core.interfaces import Denoiser
 from framework.modules import VideoDiffusion
 from plugins.compressors.pixel import PixelCompressor
 from plugins.conditioners.hashed_text import HashedTextConditioner

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from framework.modules.compressor_training import CompressorTraining, psnr  # noqa: E402
-from framework.video_io import read_video  # noqa: E402
+from framework.data.video_io import read_video  # noqa: E402
 from plugins.compressors.causal_vae import CausalVAE, ShortcutBasis, Tiling, VAESize  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "videos"

@@ -24,7 +24,7 @@ OUTPUT = REPO / "docs" / "configuration.md"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from framework.registry import PLUGIN_KINDS, PluginRegistry, _type_name  # noqa: E402
+from framework.core.registry import PLUGIN_KINDS, PluginRegistry, _type_name  # noqa: E402
 
 # Configurable classes that are not plugins (model and data modules), as (YAML key, import path).
 NON_PLUGIN_CLASSES = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.interfaces import Conditioning, Denoiser, DenoiserIO
+from framework.core.interfaces import Conditioning, Denoiser, DenoiserIO
 
 
 def random_denoiser(cls: type[Denoiser], io: DenoiserIO, randomise: bool = True, **kwargs) -> Denoiser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.packing import PackedSequence
+from framework.layers.packing import PackedSequence
 
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], dtype=torch.float64)  # [K, 2]
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)  # [K]

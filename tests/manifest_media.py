@@ -10,7 +10,7 @@ import av
 import numpy as np
 import torch
 
-from framework.video_io import write_frame_grid, write_video
+from framework.data.video_io import write_frame_grid, write_video
 
 LEVEL_STEP = 8  # grey level step between consecutive frames of a numbered clip
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from framework.ablate import (
+from framework.cli.ablate import (
     DONE_MARKER,
     AblationSettings,
     OverlayError,
@@ -21,7 +21,8 @@ from framework.ablate import (
     merge_overlay,
     run_ablation,
 )
-from framework.cli import cli_main, main
+from framework.cli.lightning_cli import cli_main
+from framework.cli.main import main
 from framework.data.buckets import Bucket
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,15 +9,15 @@ import zlib
 import pytest
 import torch
 
-from framework.attention import (
+from framework.layers.attention import (
     AttentionBackend,
     packed_cross_attention,
     packed_self_attention,
     resolve_backend,
     xformers_available,
 )
-from framework.interfaces import Conditioning, DenoiserIO
-from framework.packing import PackedSequence
+from framework.core.interfaces import Conditioning, DenoiserIO
+from framework.layers.packing import PackedSequence
 from plugins.conditioners.hashed_text import HashedTextConditioner, HashingTokenizer
 from plugins.denoisers.dit import DiT
 from plugins.patchers.spacetime import SpacetimePatcher

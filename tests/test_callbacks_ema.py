@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from framework.callbacks_ema import EMACallback
+from framework.training.ema import EMACallback
 
 
 class Regression(L.LightningModule):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.registry import default_registry
+from framework.core.registry import default_registry
 from plugins.compressors.causal_vae import (
     CausalVAE, ShortcutBasis, Tiling, VAESize, dct_matrix, latent_to_video_frames, temporal_chunks,
 )

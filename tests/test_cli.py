@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from framework.cli import cli_main
-from framework.video_io import read_video
+from framework.cli.lightning_cli import cli_main
+from framework.data.video_io import read_video
 
 REPO = Path(__file__).resolve().parents[1]
 # Overlay files of `kinetoscope ablate` (configs/ablations/<axis>/*.yaml) are partial configs: tests/test_ablate.py
@@ -155,7 +155,7 @@ def test_prediction_index_has_one_row_per_prompt(trained, tmp_path, monkeypatch)
 
 def test_checkpoint_restores_the_same_model(trained) -> None:
     from framework.modules import VideoDiffusion
-    from framework.registry import default_registry
+    from framework.core.registry import default_registry
 
     run_dir, cli = trained
     default_registry()
@@ -225,7 +225,7 @@ def kinetoscope_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("kinetoscope")
-    return [found] if found else [sys.executable, "-m", "framework.cli"]
+    return [found] if found else [sys.executable, "-m", "framework.cli.main"]
 
 
 def listed_plugins(args: list[str], cwd: Path) -> dict[str, str]:

@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from framework.activations import TanhGELU
-from framework.rope import Rope3D, apply_rope
+from framework.layers.activations import TanhGELU
+from framework.layers.rope import Rope3D, apply_rope
 
 
 def test_compiled_tanh_gelu_matches_the_tanh_formula_and_its_gradient() -> None:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from framework.data.prompts import GenerationTask, Prompts, load_prompt_requests
-from framework.frame_conditioning import (
+from framework.generation.frame_conditioning import (
     FrameCondition,
     FrameMaskProbabilities,
     FrameMaskStrategy,
@@ -22,8 +22,8 @@ from framework.frame_conditioning import (
     ungiven_frames,
 )
 from framework.modules import VideoDiffusion
-from framework.packing import PackedSequence
-from framework.video_io import read_video, write_video
+from framework.layers.packing import PackedSequence
+from framework.data.video_io import read_video, write_video
 from plugins.compressors.pixel import PixelCompressor
 from plugins.conditioners.hashed_text import HashedTextConditioner
 from plugins.denoisers.dit import DiT
@@ -257,7 +257,7 @@ def test_predict_cli_writes_good_rows_records_bad_ones_and_fails(media, monkeypa
     with its error, and the command fails at the end naming the bad rows."""
     import sys
 
-    from framework.cli import cli_main
+    from framework.cli.lightning_cli import cli_main
 
     config = Path(__file__).resolve().parents[1] / "configs" / "quickstart_frames.yaml"
     monkeypatch.setattr(sys, "argv", ["kinetoscope"])
@@ -284,7 +284,7 @@ def test_every_denoiser_family_takes_frame_conditions(denoiser_name):
     """The marker and replacement act on tokens, so ST-DiT and MM-DiT need no change: train a step, then generate
     with a given first frame that comes out exactly."""
     from framework.data.datamodules import SyntheticVideoDataModule
-    from framework.frame_conditioning import FrameCondition
+    from framework.generation.frame_conditioning import FrameCondition
     from plugins.denoisers.mmdit import MMDiT
     from plugins.denoisers.st_dit import STDiT
 

@@ -19,7 +19,7 @@ def test_committed_configuration_reference_is_up_to_date() -> None:
 
 
 def test_reference_lists_every_builtin_plugin_with_its_arguments() -> None:
-    from framework.registry import PluginRegistry
+    from framework.core.registry import PluginRegistry
 
     text = (REPO / "docs" / "configuration.md").read_text()
     for info in PluginRegistry().load_entry_points().list():

@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 
-from framework.attention import AttentionBackend, packed_self_attention, xformers_available
-from framework.compilation import compile_in_place
+from framework.layers.attention import AttentionBackend, packed_self_attention, xformers_available
+from framework.training.compilation import compile_in_place
 from framework.data.datamodules import SyntheticVideoDataModule
-from framework.interfaces import Conditioning, DenoiserIO
+from framework.core.interfaces import Conditioning, DenoiserIO
 from plugins.denoisers.dit import DiT
 from tests.denoiser_fixtures import random_conditioning, random_denoiser
 from tests.test_attention import MIXED, pack_of, qkv

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.interfaces import Conditioning, DenoiserIO
-from framework.packing import PackedSequence
+from framework.core.interfaces import Conditioning, DenoiserIO
+from framework.layers.packing import PackedSequence
 from tests.denoiser_fixtures import random_conditioning, random_denoiser
 from plugins.denoisers.mmdit import MMDiT
 from plugins.denoisers.presets import PRESET_SIZES, Preset, TransformerSize, resolve_size
@@ -258,7 +258,7 @@ def test_video_diffusion_generates_requested_sizes_with_each_family(name, sample
 def test_flops_per_token_matches_counted_flops(name, extra) -> None:
     """The analytic estimate (blocks only) is within 10% of the counted forward FLOPs (measured: 2.6% for ST-DiT,
     5.7% for MM-DiT at width 128, whose caption stream and embedders the estimate leaves out)."""
-    from framework.flop_count import count_flops
+    from framework.training.flop_count import count_flops
 
     model = build(name, width=64, depth=4, num_heads=4)
     x = PackedSequence.from_grids([torch.randn(3, 6, 6, IO.token_dim) for _ in range(2)])

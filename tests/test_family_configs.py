@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.cli import cli_main
+from framework.cli.lightning_cli import cli_main
 from plugins.denoisers.st_dit import STDiT
 from plugins.samplers.ddim import DDIM
 from plugins.samplers.gaussian_diffusion import BetaSchedule, Prediction

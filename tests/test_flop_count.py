@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from framework.flop_count import count_flops
+from framework.training.flop_count import count_flops
 
 
 def test_cpu_attention_is_counted_with_pytorchs_formula() -> None:

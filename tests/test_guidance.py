@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.guidance import guided_model_fn, per_sample_std, unconditional_branch
-from framework.interfaces import Conditioning, Denoiser, DenoiserIO
-from framework.packing import PackedSequence
+from framework.generation.guidance import guided_model_fn, per_sample_std, unconditional_branch
+from framework.core.interfaces import Conditioning, Denoiser, DenoiserIO
+from framework.layers.packing import PackedSequence
 
 
 class ToyDenoiser(Denoiser):

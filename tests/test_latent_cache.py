@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from framework.cli import main
+from framework.cli.main import main
 from framework.data.datamodules import SyntheticVideoDataModule
 from framework.data.latent_cache import (
     CachedLatentDataModule,

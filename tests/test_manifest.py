@@ -122,7 +122,7 @@ def test_aspect_preserving_resize_then_centre_crop(tmp_path):
     image = torch.full((3, 1, 40, 80), -1.0)
     image[0, :, :, :10] = 1.0
     image[2, :, :, 70:] = 1.0
-    from framework.video_io import write_frame_grid
+    from framework.data.video_io import write_frame_grid
 
     path = write_frame_grid(tmp_path / "bands.png", image)
     out = load_image(path, Bucket(1, 16, 16))

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from framework.cli import main
+from framework.cli.main import main
 from framework.data.datamodules import SyntheticVideoDataModule
 from framework.data.synthetic import SyntheticMovingShapes
 from framework.metrics.callbacks import ManifestReference, SyntheticReference, VideoMetrics, stack_rows
 from framework.metrics.i3d import InceptionI3D
 from framework.modules import VideoDiffusion
-from framework.video_io import write_video
+from framework.data.video_io import write_video
 from plugins.compressors.pixel import PixelCompressor
 from plugins.conditioners.hashed_text import HashedTextConditioner
 from plugins.denoisers.dit import DiT

@@ -16,13 +16,13 @@ from framework.data.datamodules import ManifestVideoDataModule, SyntheticVideoDa
 from framework.data.buckets import BucketConfig
 from framework.data.latent_cache import CachedLatentDataModule, write_latent_cache
 from framework.data.prompts import Prompts, load_prompt_requests
-from framework.guidance import guided_model_fn
-from framework.interfaces import Conditioning, DenoiserIO
-from framework.micro_conditions import STILL_IMAGE_FPS, MicroCondition, MicroConditionEmbedder, MicroConditions
+from framework.generation.guidance import guided_model_fn
+from framework.core.interfaces import Conditioning, DenoiserIO
+from framework.core.micro_conditions import STILL_IMAGE_FPS, MicroCondition, MicroConditionEmbedder, MicroConditions
 from framework.modules import VideoDiffusion
-from framework.packing import PackedSequence
+from framework.layers.packing import PackedSequence
 from tests.denoiser_fixtures import random_conditioning, random_denoiser
-from framework.video_io import read_video
+from framework.data.video_io import read_video
 from plugins.compressors.pixel import PixelCompressor
 from plugins.conditioners.hashed_text import HashedTextConditioner
 from plugins.denoisers.dit import DiT
@@ -288,7 +288,7 @@ def test_prompt_fields_are_read_and_bad_values_name_the_row_and_field(tmp_path) 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Three training steps of configs/quickstart_micro.yaml -> (run dir, the fitted CLI)."""
-    from framework.cli import cli_main
+    from framework.cli.lightning_cli import cli_main
 
     run_dir = tmp_path_factory.mktemp("micro")
     with pytest.MonkeyPatch.context() as mp:
@@ -302,7 +302,7 @@ def trained(tmp_path_factory):
 
 
 def test_checkpoint_round_trip_keeps_the_embedder(trained) -> None:
-    from framework.registry import default_registry
+    from framework.core.registry import default_registry
 
     run_dir, cli = trained
     default_registry()
@@ -318,7 +318,7 @@ def test_checkpoint_round_trip_keeps_the_embedder(trained) -> None:
 
 
 def test_predict_with_fps_in_a_prompts_file_writes_output_and_names_bad_rows(trained, monkeypatch) -> None:
-    from framework.cli import cli_main
+    from framework.cli.lightning_cli import cli_main
 
     run_dir, _ = trained
     monkeypatch.chdir(run_dir)

@@ -1,5 +1,5 @@
 """One checkpoint, many sizes: a model trained on mixed landscape / portrait / square buckets samples 16:9, 9:16 and
-1:1 videos of exactly the requested sizes; the RoPE scaling rule (framework/rope.py) behaves as documented."""
+1:1 videos of exactly the requested sizes; the RoPE scaling rule (framework/layers/rope.py) behaves as documented."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from framework.data.buckets import BucketConfig, TokenGeometry
 from framework.data.datamodules import ManifestVideoDataModule
-from framework.packing import grid_positions
-from framework.rope import Rope3D, interpolation_scale
+from framework.layers.packing import grid_positions
+from framework.layers.rope import Rope3D, interpolation_scale
 from manifest_media import mixed_media, tiny_model, write_manifest
 
 

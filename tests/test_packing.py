@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from framework.packing import PackedSequence, grid_positions
+from framework.layers.packing import PackedSequence, grid_positions
 from plugins.patchers.spacetime import SpacetimePatcher
 
 MIXED_SHAPES = [(3, 8, 16, 16), (3, 4, 16, 24), (3, 1, 8, 8)]

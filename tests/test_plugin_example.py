@@ -47,7 +47,7 @@ def test_temporal_difference_patcher_round_trips_and_differences(example_modules
 
 def test_midpoint_sampler_is_second_order(example_modules) -> None:
     """On dx/dt = t x (exact: x(0) = x(1) exp(-1/2)), doubling the steps cuts the error ~4x (Euler: ~2x)."""
-    from framework.packing import PackedSequence
+    from framework.layers.packing import PackedSequence
     from kinetoscope_plugin_example.samplers import RectifiedFlowMidpoint
     from plugins.samplers.rectified_flow import RectifiedFlow
 
@@ -94,7 +94,7 @@ def test_example_package_installs_into_fresh_venv_and_trains(tmp_path) -> None:
     script = textwrap.dedent(
         f"""
         import sys
-        from framework.cli import main
+        from framework.cli.main import main
         main(["plugins"])
         sys.stdout.flush()
         main(["fit", "-c", {str(EXAMPLE / "configs" / "example.yaml")!r}, "--trainer.fast_dev_run=true",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.cli import cli_main
+from framework.cli.lightning_cli import cli_main
 from manifest_media import mixed_media, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]

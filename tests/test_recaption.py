@@ -11,10 +11,10 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[text])")
 
-from framework.captioning import recaption  # noqa: E402
-from framework.cli import main  # noqa: E402
+from framework.data.recaption import recaption  # noqa: E402
+from framework.cli.main import main  # noqa: E402
 from framework.data.manifest import read_manifest  # noqa: E402
-from framework.video_io import write_video  # noqa: E402
+from framework.data.video_io import write_video  # noqa: E402
 from plugins.captioners.hf_vlm import HFVisionCaptioner  # noqa: E402
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "square", "circle", "moving", "left",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from framework.interfaces import Compressor, Conditioner, Denoiser, Patcher, Sampler
-from framework.registry import (
+from framework.core.interfaces import Compressor, Conditioner, Denoiser, Patcher, Sampler
+from framework.core.registry import (
     ENTRY_POINT_GROUP,
     PLUGIN_KINDS,
     PluginError,
@@ -30,7 +30,7 @@ BUILTINS = {
 
 # A third-party sampler as a user would write it: docstring, typed arguments with and without defaults.
 TINY_SAMPLER_SOURCE = '''
-from framework.interfaces import Sampler
+from framework.core.interfaces import Sampler
 
 
 class TinySampler(Sampler):
@@ -158,7 +158,7 @@ def test_separately_installed_plugin_is_listed(tinyplug_site, monkeypatch, forge
 
 def test_cli_lists_separately_installed_plugin(tinyplug_site):
     script = Path(sys.executable).parent / "kinetoscope"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "framework.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "framework.cli.main"]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tinyplug_site), env.get("PYTHONPATH")]))
     result = subprocess.run(
@@ -175,7 +175,7 @@ def test_cli_lists_separately_installed_plugin(tinyplug_site):
 # ---------------------------------------------------------------------------------------------------- conflicts
 def test_duplicate_names_from_two_distributions(tmp_path, monkeypatch, forget_modules):
     body = '''
-    from framework.interfaces import Sampler
+    from framework.core.interfaces import Sampler
 
     class {cls}(Sampler):
         """Duplicate-name test sampler."""
@@ -262,7 +262,7 @@ def test_registering_a_non_plugin_raises(not_a_plugin):
 # plugins are written. This test module postpones its own annotations, so the class is built from source.
 GENERIC_ANNOTATIONS_SOURCE = '''
 from typing import Literal, Optional
-from framework.interfaces import Sampler
+from framework.core.interfaces import Sampler
 
 
 class GenericSampler(Sampler):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from framework.checkpointing import (
+from framework.training.checkpointing import (
     CheckpointIntegrityError,
     NonFiniteCheckpointError,
     SafeCheckpointIO,
@@ -25,7 +25,7 @@ from framework.checkpointing import (
     sha256_of,
     sidecar_of,
 )
-from framework.cli import cli_main
+from framework.cli.lightning_cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "reliability" / "tiny.yaml"
@@ -128,11 +128,11 @@ def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path: Path) -> N
     assert torch.equal(load_safetensors(safetensors_path(path))["w"], torch.ones(3))
 
 
-# The write protocol SafeCheckpointIO.save_checkpoint uses (framework.atomic_files.write_verified), killed at three
+# The write protocol SafeCheckpointIO.save_checkpoint uses (framework.training.atomic_files.write_verified), killed at three
 # points; the script imports only torch and that module, so it starts in about a second.
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
-    import framework.atomic_files as files
+    import framework.training.atomic_files as files
     path, point = sys.argv[1], sys.argv[2]
     def die():
         os.kill(os.getpid(), signal.SIGKILL)

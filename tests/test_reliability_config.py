@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from framework.cli import main
+from framework.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "reliability" / "tiny.yaml"
@@ -96,7 +96,7 @@ def test_missing_required_plugin_is_named_with_the_valid_choices(tmp_path, capsy
 
 
 def test_trainer_plugin_that_does_not_exist_is_named(tmp_path, capsys) -> None:
-    text = "trainer:\n  plugins:\n    - class_path: framework.checkpointing.NoSuchIO\n"
+    text = "trainer:\n  plugins:\n    - class_path: framework.training.checkpointing.NoSuchIO\n"
     line = error_line(["fit", "-c", str(TINY), "-c", overlay(tmp_path, text)], capsys)
-    assert line == ("error: trainer.plugins: class_path 'framework.checkpointing.NoSuchIO' cannot be imported "
-                    "(module 'framework.checkpointing' has no attribute 'NoSuchIO')")
+    assert line == ("error: trainer.plugins: class_path 'framework.training.checkpointing.NoSuchIO' cannot be imported "
+                    "(module 'framework.training.checkpointing' has no attribute 'NoSuchIO')")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from framework.checkpointing import NonFiniteCheckpointError, SafeCheckpointIO, load_checkpoint_safely
+from framework.training.checkpointing import NonFiniteCheckpointError, SafeCheckpointIO, load_checkpoint_safely
 from framework.data.datamodules import SyntheticVideoDataModule
 from framework.modules import VideoDiffusion
-from framework.reliability import NonFiniteAction, NonFiniteError, NonFiniteGuard
+from framework.training.reliability import NonFiniteAction, NonFiniteError, NonFiniteGuard
 from plugins.compressors.pixel import PixelCompressor
 from plugins.conditioners.hashed_text import HashedTextConditioner
 from plugins.denoisers.dit import DiT

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.checkpointing import load_checkpoint_safely
-from framework.reliability import read_loss_log
+from framework.training.checkpointing import load_checkpoint_safely
+from framework.training.reliability import read_loss_log
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "reliability" / "tiny.yaml"
@@ -25,7 +25,7 @@ BATCHES_PER_EPOCH = 6
 
 
 def fit_command(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "framework.cli", "fit", "-c", str(TINY), f"--trainer.max_steps={MAX_STEPS}", *extra]
+    return [sys.executable, "-m", "framework.cli.main", "fit", "-c", str(TINY), f"--trainer.max_steps={MAX_STEPS}", *extra]
 
 
 def start(cwd: Path, *extra: str) -> subprocess.Popen:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.rope import Rope3D, apply_rope, split_head_dim
+from framework.layers.rope import Rope3D, apply_rope, split_head_dim
 
 
 @pytest.mark.parametrize("head_dim", [6, 8, 10, 12, 16, 32, 64, 72, 96, 128, 256])

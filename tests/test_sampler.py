@@ -19,9 +19,9 @@ import math
 import pytest
 import torch
 
-from framework.guidance import guided_model_fn
-from framework.interfaces import Conditioning, Denoiser, DenoiserIO
-from framework.packing import PackedSequence
+from framework.generation.guidance import guided_model_fn
+from framework.core.interfaces import Conditioning, Denoiser, DenoiserIO
+from framework.layers.packing import PackedSequence
 from plugins.samplers.rectified_flow import FlowPrediction, RectifiedFlow, shift_time
 
 from gaussian_mixture import (

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from framework.packing import PackedSequence
+from framework.layers.packing import PackedSequence
 from plugins.samplers.ddim import DDIM
 from plugins.samplers.ddpm import DDPM
 from plugins.samplers.dpm_solver import DPMSolverPlusPlus

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framework.guidance import guided_model_fn
-from framework.interfaces import Conditioning, DenoiserIO
-from framework.packing import PackedSequence
+from framework.generation.guidance import guided_model_fn
+from framework.core.interfaces import Conditioning, DenoiserIO
+from framework.layers.packing import PackedSequence
 from plugins.denoisers.dit import DiT
 from plugins.denoisers.st_dit import GroupedLayout, STDiT
 from plugins.samplers.rectified_flow import RectifiedFlow

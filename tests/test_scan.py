@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from framework.cli import main
+from framework.cli.main import main
 from framework.data.manifest import read_manifest
 from manifest_media import write_corrupt, write_numbered_mp4, write_still
 

@@ -1,4 +1,4 @@
-"""Tests for framework.video_io: round trips through real encoders / decoders (PyAV, Pillow)."""
+"""Tests for framework.data.video_io: round trips through real encoders / decoders (PyAV, Pillow)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from framework import video_io
-from framework.video_io import (
+from framework.data import video_io
+from framework.data.video_io import (
     VideoDecodeError,
     probe_video,
     read_video,

@@ -9,7 +9,7 @@ Native-size training keeps every clip near its own duration, resolution and aspe
   A batch holds one bucket, so attention runs as one dense call; each bucket's batch size follows a token budget,
   so a batch of short low-resolution clips and a batch of long high-resolution clips cost about the same.
 * **Packing** (``TokenBudgetBatchSampler``): samples of different sizes go into one batch until its token budget is
-  full; the denoiser sees one packed sequence (``framework.packing.PackedSequence``) and block-diagonal attention,
+  full; the denoiser sees one packed sequence (``framework.layers.packing.PackedSequence``) and block-diagonal attention,
   so no padding is computed on (NaViT, Dehghani et al. 2023).
 
 Both samplers are DDP aware: every rank draws the same global list of batches from ``(seed, epoch)`` and takes every

@@ -34,7 +34,7 @@ def collate_videos(samples: list[dict]) -> dict:
     """-> {"videos": list of [C, T, H, W], "captions": list[str], "ids": list[str], "fps": list[float],
     "original_sizes": list of (height, width)}.
 
-    ``fps`` and ``original_sizes`` are the micro-conditions (``framework/micro_conditions.py``): the clip's frame rate
+    ``fps`` and ``original_sizes`` are the micro-conditions (``framework/core/micro_conditions.py``): the clip's frame rate
     and the source's size before resize and crop; a sample without ``"original_size"`` was not resized, so its
     original size is its own."""
     return {

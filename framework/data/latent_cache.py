@@ -45,7 +45,7 @@ from tqdm import tqdm
 from framework.data.buckets import ShapeBucketBatchSampler
 from framework.data.datamodules import GenerationDataModule
 from framework.data.prompts import Prompts
-from framework.interfaces import Compressor
+from framework.core.interfaces import Compressor
 
 CACHE_FORMAT = 1
 METADATA_FILE, INDEX_FILE = "cache.json", "index.jsonl"
@@ -304,7 +304,7 @@ def build_from_config(config: Path) -> tuple[Compressor, L.LightningDataModule, 
     """The compressor (``model.init_args.compressor``) and data module (``data``) of a training config."""
     from jsonargparse import ArgumentParser
 
-    from framework.registry import default_registry
+    from framework.core.registry import default_registry
 
     default_registry()  # so configs can name plugins by class name
     try:

@@ -42,8 +42,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from framework.data.buckets import Bucket, BucketGrid, resize_crop_plan
-from framework.micro_conditions import STILL_IMAGE_FPS
-from framework.video_io import (
+from framework.core.micro_conditions import STILL_IMAGE_FPS
+from framework.data.video_io import (
     _AVCOL_BT709,
     _SWS_FLAGS,
     IMAGE_SUFFIXES,

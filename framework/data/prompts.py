@@ -3,7 +3,7 @@
 A JSONL prompts file can also ask for a generation task other than text-to-video (see ``GenerationTask`` and
 docs/conditioning.md): each row may give ``task``, ``image``, ``video``, ``video_end``, ``context_frames``,
 ``strength`` and ``guidance``, and the micro-conditions ``fps``, ``original_height`` and ``original_width``
-(``framework/micro_conditions.py``). A row whose fields are wrong (an unknown task, a strength outside [0, 1], a
+(``framework/core/micro_conditions.py``). A row whose fields are wrong (an unknown task, a strength outside [0, 1], a
 missing path, an fps that is not a number > 0) becomes a request carrying an ``error`` that names the row and the
 field; the other rows still run.
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from framework.video_io import IMAGE_SUFFIXES, VideoDecodeError, probe_video
+from framework.data.video_io import IMAGE_SUFFIXES, VideoDecodeError, probe_video
 
 MEDIA_SUFFIXES: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif", ".m4v") + IMAGE_SUFFIXES
 COLUMNS = ("path", "caption", "frames", "fps", "width", "height", "duration_s")

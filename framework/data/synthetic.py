@@ -204,7 +204,7 @@ class SyntheticMovingShapes(Dataset):
     ``speed`` is in pixels per frame at ``fps``. With ``frame_rates``, samples cycle through those rates (every
     size with every rate) and the object keeps its speed in pixels per *second*: at rate ``r`` it moves
     ``speed * fps / r`` pixels per frame, which must be a whole number. The same caption then shows different motion
-    per frame at different rates -- what the fps micro-condition (``framework/micro_conditions.py``) is for.
+    per frame at different rates -- what the fps micro-condition (``framework/core/micro_conditions.py``) is for.
     """
 
     def __init__(

@@ -8,7 +8,7 @@ them to ``<output_dir>/metrics.jsonl``, writes ``<output_dir>/step_<N>.json`` an
 
 Reference sets are typed (``ReferenceVideos`` subclasses), so YAML picks one by ``class_path``:
 :class:`SyntheticReference` renders the built-in moving-shapes clips (and can supply the prompts: their captions),
-:class:`ManifestReference` reads a folder or manifest of real clips with ``framework.video_io.read_video``.
+:class:`ManifestReference` reads a folder or manifest of real clips with ``framework.data.video_io.read_video``.
 In DDP every rank generates and embeds its share of the prompts; the metric states are summed across ranks.
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from framework.data.synthetic import SyntheticMovingShapes
 from framework.metrics.evaluation import VideoMetricSuite, load_videos
 from framework.metrics.fvd import FrechetVideoDistance
-from framework.video_io import write_frame_grid
+from framework.data.video_io import write_frame_grid
 
 __all__ = ["ManifestReference", "ReferenceVideos", "SyntheticReference", "VideoMetrics", "stack_rows"]
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from framework.data.manifest import MANIFEST_SUFFIXES, read_manifest
 from framework.metrics.fvd import FrechetVideoDistance
 from framework.metrics.temporal import AdjacentFrameConsistency, OpticalFlowMetrics, TemporalFlickering
-from framework.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video
+from framework.data.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video
 
 __all__ = ["LoadedVideos", "VideoMetricSuite", "evaluate_command", "load_videos", "write_report"]
 

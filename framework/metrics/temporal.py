@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from framework.video_io import to_uint8_frames
+from framework.data.video_io import to_uint8_frames
 
 __all__ = [
     "AdjacentFrameConsistency",

@@ -35,8 +35,8 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from framework.variational import VariationalCompressor
-from framework.video_io import write_frame_grid
+from framework.layers.variational import VariationalCompressor
+from framework.data.video_io import write_frame_grid
 
 
 def psnr(reconstruction: Tensor, target: Tensor) -> Tensor:

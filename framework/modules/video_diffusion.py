@@ -8,12 +8,12 @@ Generation reverses it: noise with the requested size -> Sampler.sample (with cl
 Patcher.unpatchify -> Compressor.decode.
 
 With ``frame_conditioning`` set, training gives each sample clean latent frames drawn by a mask strategy
-(``framework.frame_conditioning``), and generation takes given frames (image-to-video, extension, interpolation)
-or a video to edit (SDEdit); prompt rows choose the task (``framework.generation_tasks``).
+(``framework.generation.frame_conditioning``), and generation takes given frames (image-to-video, extension, interpolation)
+or a video to edit (SDEdit); prompt rows choose the task (``framework.generation.tasks``).
 
 A denoiser with ``micro_conditions`` gets each sample's frame rate and original size attached to its Conditioning:
 from the batch's ``"fps"`` and ``"original_sizes"`` in training, from the prompt (default: ``output_fps`` and the
-requested size) in generation, the same on both guidance branches (``framework.micro_conditions``).
+requested size) in generation, the same on both guidance branches (``framework.core.micro_conditions``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from framework.compilation import CompileMode, compile_in_place
+from framework.training.compilation import CompileMode, compile_in_place
 from framework.data.prompts import PromptRequest
-from framework.frame_conditioning import (
+from framework.generation.frame_conditioning import (
     FrameCondition,
     FrameMaskProbabilities,
     channel_inputs,
@@ -39,11 +39,11 @@ from framework.frame_conditioning import (
     token_mask,
     ungiven_frames,
 )
-from framework.generation_tasks import SDEdit, prepare_task
-from framework.guidance import guided_model_fn, unconditional_branch
-from framework.interfaces import Compressor, Conditioner, Denoiser, DenoiserIO, ModelFn, Patcher, Sampler
-from framework.micro_conditions import MicroConditions, generation_fps
-from framework.packing import PackedSequence
+from framework.generation.tasks import SDEdit, prepare_task
+from framework.generation.guidance import guided_model_fn, unconditional_branch
+from framework.core.interfaces import Compressor, Conditioner, Denoiser, DenoiserIO, ModelFn, Patcher, Sampler
+from framework.core.micro_conditions import MicroConditions, generation_fps
+from framework.layers.packing import PackedSequence
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class VideoDiffusion(L.LightningModule):
         conditioner weights, which ``generate`` uses: averaged weights give cleaner samples than the last step's.
         ``frame_conditioning`` trains with given clean frames drawn by these mask strategies (docs/conditioning.md).
         ``compile_denoiser`` runs the denoiser (and its EMA copy) through ``torch.compile`` with ``compile_mode`` for
-        training and sampling, compiled once for any packed layout (``framework.compilation``);
+        training and sampling, compiled once for any packed layout (``framework.training.compilation``);
         ``fused_optimizer`` uses AdamW's fused kernel (``fused=True``: one kernel for all parameters, CPU and GPU)."""
         super().__init__()
         if learning_rate <= 0:

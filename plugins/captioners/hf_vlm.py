@@ -2,7 +2,7 @@
 
 Loads with ``AutoModelForImageTextToText`` and ``AutoProcessor`` from a directory (``local_files_only=True``: no hub
 access) and decodes greedily, so the same clip always gets the same caption. The clip's sampled frames arrive tiled
-into one image (``framework.captioning.tile``), which single-image captioners such as BLIP (Li et al., "BLIP:
+into one image (``framework.data.recaption.tile``), which single-image captioners such as BLIP (Li et al., "BLIP:
 Bootstrapping Language-Image Pre-training", 2022) describe as a whole. An optional ``prompt`` is the text prefix
 conditional captioners continue ("a video of"); it is stripped from the returned caption.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from framework.captioning import Captioner
+from framework.core.interfaces import Captioner
 
 
 class HFVisionCaptioner(Captioner):

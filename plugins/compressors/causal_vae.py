@@ -9,7 +9,7 @@ Design, after the causal video VAEs of MAGVIT-v2 (Yu et al., "Language Model Bea
   and videos share one latent space.
 * **Local normalisation.** Norms act per position over channels (RMS over C, as Wan's VAE), never across frames or
   pixels, so chunked and tiled processing sees exactly what whole-clip processing sees, except at tile borders.
-* **KL latent.** The encoder predicts a diagonal Gaussian (mean, log-variance); ``framework.variational`` owns the
+* **KL latent.** The encoder predicts a diagonal Gaussian (mean, log-variance); ``framework.layers.variational`` owns the
   posterior, the KL term and the per-channel latent statistics that normalise the latent for diffusion.
 * **Memory-bounded inference** (:class:`Tiling`). Time is processed in chunks carried by a *causal cache*: each
   causal convolution keeps the tail of its previous chunk's input (Wan's "feature cache"), so chunked results equal
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from framework.variational import DiagonalGaussian, VariationalCompressor
+from framework.layers.variational import DiagonalGaussian, VariationalCompressor
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()

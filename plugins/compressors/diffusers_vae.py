@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from framework.variational import DiagonalGaussian, VariationalCompressor
+from framework.layers.variational import DiagonalGaussian, VariationalCompressor
 
 
 def _load_autoencoder_kl(path: Path):

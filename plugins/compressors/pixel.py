@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from framework.interfaces import Compressor
+from framework.core.interfaces import Compressor
 
 
 class PixelCompressor(Compressor):

@@ -15,7 +15,7 @@ import zlib
 import torch
 from torch import Tensor, nn
 
-from framework.interfaces import Conditioner, Conditioning
+from framework.core.interfaces import Conditioner, Conditioning
 
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from framework.interfaces import Conditioner, Conditioning
+from framework.core.interfaces import Conditioner, Conditioning
 
 
 class TextPooling(str, enum.Enum):

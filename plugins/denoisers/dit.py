@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from framework.activations import TanhGELU
-from framework.attention import AttentionBackend, packed_cross_attention, packed_self_attention
-from framework.interfaces import Conditioning, Denoiser, DenoiserIO
-from framework.micro_conditions import MicroCondition, MicroConditionEmbedder, sinusoidal_features
-from framework.packing import PackedSequence
-from framework.rope import Rope3D, apply_rope
+from framework.layers.activations import TanhGELU
+from framework.layers.attention import AttentionBackend, packed_cross_attention, packed_self_attention
+from framework.core.interfaces import Conditioning, Denoiser, DenoiserIO
+from framework.core.micro_conditions import MicroCondition, MicroConditionEmbedder, sinusoidal_features
+from framework.layers.packing import PackedSequence
+from framework.layers.rope import Rope3D, apply_rope
 from plugins.denoisers.presets import Preset, resolve_size
 
 
@@ -123,7 +123,7 @@ class DiT(Denoiser):
         """``preset`` (S, B, L, XL: DiT's sizes) sets width, depth and heads; any of them given explicitly overrides
         it, and with neither the size is S (384 wide, 12 deep, 6 heads). ``micro_conditions`` (e.g. ``[FPS,
         ORIGINAL_HEIGHT, ORIGINAL_WIDTH]``) conditions every block on those per-sample scalars
-        (``framework/micro_conditions.py``)."""
+        (``framework/core/micro_conditions.py``)."""
         super().__init__()
         size = resolve_size("DiT", preset, width, depth, num_heads)
         width, depth, num_heads = size.width, size.depth, size.num_heads

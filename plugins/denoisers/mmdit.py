@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from framework.activations import TanhGELU
-from framework.attention import AttentionBackend, packed_self_attention
-from framework.interfaces import Conditioning, Denoiser, DenoiserIO
-from framework.micro_conditions import MicroCondition, MicroConditionEmbedder
-from framework.packing import PackedSequence
-from framework.rope import Rope3D, apply_rope
+from framework.layers.activations import TanhGELU
+from framework.layers.attention import AttentionBackend, packed_self_attention
+from framework.core.interfaces import Conditioning, Denoiser, DenoiserIO
+from framework.core.micro_conditions import MicroCondition, MicroConditionEmbedder
+from framework.layers.packing import PackedSequence
+from framework.layers.rope import Rope3D, apply_rope
 from plugins.denoisers.dit import modulate, timestep_embedding
 from plugins.denoisers.presets import Preset, resolve_size
 
@@ -40,7 +40,7 @@ class JointLayout:
     caption_sample_index: Tensor  # [M] sample of each caption token
 
     @staticmethod
-    @torch.compiler.disable  # reads the pack's layout: eager under torch.compile (framework/compilation.py)
+    @torch.compiler.disable  # reads the pack's layout: eager under torch.compile (framework/training/compilation.py)
     def build(x: PackedSequence, context_mask: Tensor) -> JointLayout:
         device = x.tokens.device
         video_lengths = x.seqlens
@@ -138,7 +138,7 @@ class MMDiT(Denoiser):
     ) -> None:
         """``preset`` (S, B, L, XL) sets width, depth and heads; explicit fields override it. ``micro_conditions``
         (e.g. ``[FPS, ORIGINAL_HEIGHT, ORIGINAL_WIDTH]``) modulates both streams with those per-sample scalars
-        (``framework/micro_conditions.py``)."""
+        (``framework/core/micro_conditions.py``)."""
         super().__init__()
         size = resolve_size("MMDiT", preset, width, depth, num_heads)
         self.width, self.depth, self.num_heads = size.width, size.depth, size.num_heads

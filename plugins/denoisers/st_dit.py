@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from framework.attention import AttentionBackend
-from framework.interfaces import Conditioning
-from framework.micro_conditions import MicroCondition
-from framework.packing import PackedSequence
-from framework.rope import apply_rope
+from framework.layers.attention import AttentionBackend
+from framework.core.interfaces import Conditioning
+from framework.core.micro_conditions import MicroCondition
+from framework.layers.packing import PackedSequence
+from framework.layers.rope import apply_rope
 from plugins.denoisers.dit import DiT, DiTBlock, modulate
 from plugins.denoisers.presets import Preset, resolve_size
 
@@ -43,7 +43,7 @@ class GroupedLayout:
     buckets: tuple[Tensor, ...]  # per distinct group length L: [G_L, L] packed token indices, one row per group
 
     @staticmethod
-    @torch.compiler.disable  # reads the pack's layout: eager under torch.compile (framework/compilation.py)
+    @torch.compiler.disable  # reads the pack's layout: eager under torch.compile (framework/training/compilation.py)
     def build(x: PackedSequence, axis: AttentionAxis) -> GroupedLayout:
         """The groups of ``x``'s layout, built once per layout (a sampling run reuses them at every step)."""
         return x.layout_cached(("GroupedLayout", axis), lambda: GroupedLayout._build(x, axis))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from framework.interfaces import Patcher
-from framework.packing import PackedSequence
+from framework.core.interfaces import Patcher
+from framework.layers.packing import PackedSequence
 
 
 class SpacetimePatcher(Patcher):

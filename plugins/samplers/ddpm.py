@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from framework.interfaces import ModelFn, StepCallback
-from framework.packing import PackedSequence
+from framework.core.interfaces import ModelFn, StepCallback
+from framework.layers.packing import PackedSequence
 from plugins.samplers.gaussian_diffusion import BetaSchedule, GaussianDiffusion, Prediction, sampling_generator
 
 

@@ -25,8 +25,8 @@ import math
 import torch
 from torch import Tensor
 
-from framework.interfaces import ModelFn, StepCallback
-from framework.packing import PackedSequence
+from framework.core.interfaces import ModelFn, StepCallback
+from framework.layers.packing import PackedSequence
 from plugins.samplers.gaussian_diffusion import GaussianDiffusion
 
 

@@ -27,8 +27,8 @@ import math
 import torch
 from torch import Tensor
 
-from framework.interfaces import ModelFn, Sampler
-from framework.packing import PackedSequence
+from framework.core.interfaces import ModelFn, Sampler
+from framework.layers.packing import PackedSequence
 
 
 class BetaSchedule(str, enum.Enum):

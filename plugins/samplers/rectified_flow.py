@@ -24,8 +24,8 @@ import enum
 import torch
 from torch import Tensor
 
-from framework.interfaces import ModelFn, Sampler, StepCallback
-from framework.packing import PackedSequence
+from framework.core.interfaces import ModelFn, Sampler, StepCallback
+from framework.layers.packing import PackedSequence
 
 def shift_time(t: Tensor, shift: Tensor) -> Tensor:
     """SD3 time shift ``s t / (1 + (s - 1) t)``: s > 1 spends more of the schedule at high noise."""

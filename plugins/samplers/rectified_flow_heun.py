@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from framework.interfaces import ModelFn, StepCallback
-from framework.packing import PackedSequence
+from framework.core.interfaces import ModelFn, StepCallback
+from framework.layers.packing import PackedSequence
 from plugins.samplers.rectified_flow import FlowPrediction, RectifiedFlow
 
 

@@ -17,7 +17,7 @@ import av
 import numpy as np
 import torch
 
-from framework.video_io import write_frame_grid, write_video
+from framework.data.video_io import write_frame_grid, write_video
 
 NON_UTF8_MARK = "@@NOT-UTF8@@"  # replaced by the bytes ff fe after the manifest is encoded
 

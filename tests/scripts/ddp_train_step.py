@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from framework.callbacks_ema import EMACallback
+from framework.training.ema import EMACallback
 from framework.data.datamodules import SyntheticVideoDataModule
 from framework.modules import VideoDiffusion
 from plugins.compressors.pixel import PixelCompressor

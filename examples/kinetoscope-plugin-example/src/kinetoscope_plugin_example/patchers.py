@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from framework.packing import PackedSequence
+from framework.layers.packing import PackedSequence
 from plugins.patchers.spacetime import SpacetimePatcher
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from framework.interfaces import Conditioner, Conditioning, Denoiser, ModelFn
-from framework.packing import PackedSequence
+from framework.core.interfaces import Conditioner, Conditioning, Denoiser, ModelFn
+from framework.layers.packing import PackedSequence
 
 
 def guided_model_fn(

@@ -112,7 +112,7 @@ class PackedSequence:
             return values.unsqueeze(1).expand(b, n, *values.shape[1:]).reshape(b * n, *values.shape[1:])  # [N, ...]
         return self._per_token_mixed(values)
 
-    @torch.compiler.disable  # loops over the layout: eager under torch.compile (framework/compilation.py)
+    @torch.compiler.disable  # loops over the layout: eager under torch.compile (framework/training/compilation.py)
     def _per_token_mixed(self, values: Tensor) -> Tensor:
         # expand + cat rather than values[sample_index]: the gather's backward zero-fills and scatters an [N, ...]
         # buffer, measured as the largest extra cost of a mixed-size DiT step on CPU; expand's backward is a sum.

@@ -18,8 +18,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import metadata
 
-from framework.captioning import Captioner
-from framework.interfaces import Compressor, Conditioner, Denoiser, Patcher, Sampler
+from framework.core.interfaces import Captioner, Compressor, Conditioner, Denoiser, Patcher, Sampler
 
 ENTRY_POINT_GROUP = "kinetoscope.plugins"
 PLUGIN_KINDS: dict[str, type] = {

@@ -1,4 +1,4 @@
-"""Crash-safe file writes with SHA-256 sidecars: the storage layer of ``framework.checkpointing.SafeCheckpointIO``.
+"""Crash-safe file writes with SHA-256 sidecars: the storage layer of ``framework.training.checkpointing.SafeCheckpointIO``.
 
 ``write_verified`` writes a file through a fsync-ed temporary file in the same folder and ``os.replace`` (atomic on
 POSIX within one file system), then fsyncs the folder, so a kill at any instant leaves either the old or the new

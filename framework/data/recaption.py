@@ -22,26 +22,18 @@ import csv
 import json
 import logging
 import sys
-from abc import ABC, abstractmethod
 from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image
-from torch import nn
 from tqdm import tqdm
 
-from framework.video_io import VideoDecodeError, probe_video
+from framework.core.interfaces import Captioner
+from framework.data.video_io import VideoDecodeError, probe_video
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-class Captioner(nn.Module, ABC):
-    """Describes clips in words: one caption per clip, each given as a list of RGB frames (PIL images)."""
-
-    @abstractmethod
-    def caption(self, clips: list[list[Image.Image]]) -> list[str]: ...
 
 
 def sample_frames(path: Path, count: int) -> list[Image.Image]:
@@ -178,7 +170,7 @@ def recaption_command(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--prompt", default=None, help="text prefix for the captioner (e.g. 'a video of')")
     args = parser.parse_args(argv)
-    from framework.registry import default_registry
+    from framework.core.registry import default_registry
 
     cls = default_registry().get("captioner", args.captioner)
     captioner = cls(model_dir=args.model_dir, max_new_tokens=args.max_new_tokens, prompt=args.prompt)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from framework.packing import PackedSequence
+from framework.layers.packing import PackedSequence
 
 
 class AttentionBackend(str, enum.Enum):
@@ -60,7 +60,7 @@ def packed_self_attention(
     """Block-diagonal self-attention. ``q, k, v``: [N, heads, head_dim] -> [N, heads, head_dim].
 
     The dense path takes its sizes from tensor shapes, so torch.compile traces it for any uniform layout; the others
-    loop over the layout and run eagerly under torch.compile (framework/compilation.py)."""
+    loop over the layout and run eagerly under torch.compile (framework/training/compilation.py)."""
     backend = resolve_backend(backend, packed, q.device)
     if backend is AttentionBackend.DENSE:
         b = packed.cu_seqlens.shape[0] - 1
@@ -120,7 +120,7 @@ def packed_cross_attention(
     return _packed_cross_attention_loop(q, k, v, context_mask, packed, backend)
 
 
-@torch.compiler.disable  # loops over the pack's layout: eager under torch.compile (framework/compilation.py)
+@torch.compiler.disable  # loops over the pack's layout: eager under torch.compile (framework/training/compilation.py)
 def _packed_cross_attention_loop(
     q: Tensor, k: Tensor, v: Tensor, context_mask: Tensor, packed: PackedSequence, backend: AttentionBackend
 ) -> Tensor:

@@ -2,7 +2,7 @@
 
 An *axis* is a folder of overlay YAML files (``configs/ablations/sampler/ddim.yaml``, ...); each overlay is a partial
 config deep-merged onto the base config. Several axes give their cartesian product; every combination runs once per
-seed. Each run is a ``kinetoscope fit`` in its own subprocess (``framework.cli.cli_main``), followed by the
+seed. Each run is a ``kinetoscope fit`` in its own subprocess (``framework.cli.lightning_cli.cli_main``), followed by the
 evaluation that is available without extra weights: the final train (and validation, if logged) loss from the
 CSVLogger and, when the prompts are synthetic captions, the motion probe (``framework/metrics/motion_probe.py``) on a
 few generated clips. Layout of the output folder::
@@ -59,7 +59,7 @@ class OverlayError(ValueError):
 # ------------------------------------------------------------------------------------------------ composition
 def resolve_class(class_path: str) -> type:
     """A class from a full import path or a registered plugin's class name (``DDIM``), as the CLI resolves it."""
-    from framework.registry import default_registry
+    from framework.core.registry import default_registry
 
     if "." in class_path:
         module, _, name = class_path.rpartition(".")
@@ -255,7 +255,7 @@ def run_ablation(settings: AblationSettings, log=print) -> list[dict]:
             started = time.perf_counter()
             with open(run_dir / "fit.log", "w") as fit_log:
                 process = subprocess.run(
-                    [sys.executable, "-m", "framework.ablate", "--run-one", str(run_dir),
+                    [sys.executable, "-m", "framework.cli.ablate", "--run-one", str(run_dir),
                      "--probe-clips", str(settings.probe_clips), "--", *settings.extra_args],
                     stdout=fit_log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
@@ -322,7 +322,7 @@ def run_one(run_dir: Path, probe_clips: int, extra_args: list[str]) -> None:
     """The subprocess side: fit ``run_dir/config.yaml``, evaluate, then write ``done.json`` atomically."""
     import torch
 
-    from framework.cli import cli_main
+    from framework.cli.lightning_cli import cli_main
 
     started = time.perf_counter()
     cli = cli_main(["fit", "-c", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false", *extra_args])
@@ -446,7 +446,7 @@ def _run_one_main(argv: list[str]) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, extra = argv[:split], argv[split + 1 :]
-    parser = argparse.ArgumentParser(prog="python -m framework.ablate --run-one")
+    parser = argparse.ArgumentParser(prog="python -m framework.cli.ablate --run-one")
     parser.add_argument("--run-one", type=Path, required=True)
     parser.add_argument("--probe-clips", type=int, default=4)
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@
 * ``NonFiniteGuard`` checks every step's gradients (before the optimizer step) and loss for NaN / Inf and then skips
   the step (the optimizer sees no gradients, so weights and Adam moments stay as they were) or stops the run
   (``NonFiniteAction``), naming the batch's sample ids. Checkpoints cannot carry NaNs over a good file either:
-  ``framework.checkpointing.SafeCheckpointIO`` refuses to write weights that are not finite.
+  ``framework.training.checkpointing.SafeCheckpointIO`` refuses to write weights that are not finite.
 
 Together with ``SafeCheckpointIO`` (atomic checkpoints) and ``framework.data.resumable.ResumableDataLoader`` (data
 position), a run killed at any moment and resumed with ``--ckpt_path last`` continues bit-exactly on CPU

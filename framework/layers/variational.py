@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from framework.interfaces import Compressor
+from framework.core.interfaces import Compressor
 
 
 @dataclass

@@ -26,7 +26,7 @@ Use it through the trainer's ``plugins`` (YAML)::
 
     trainer:
       plugins:
-        - class_path: framework.checkpointing.SafeCheckpointIO
+        - class_path: framework.training.checkpointing.SafeCheckpointIO
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file, save
 
-from framework.atomic_files import (  # noqa: F401  (re-exported: the checkpoint API in one import)
+from framework.training.atomic_files import (  # noqa: F401  (re-exported: the checkpoint API in one import)
     CheckpointIntegrityError,
     recorded_digests,
     sha256_of,

@@ -1,6 +1,6 @@
 """Turns a prompt's task (image-to-video, extension, interpolation, SDEdit) into what ``generate`` consumes.
 
-Given pixels are read with ``framework.video_io.read_video`` (stills too), resized to the requested size if they
+Given pixels are read with ``framework.data.video_io.read_video`` (stills too), resized to the requested size if they
 differ, encoded with the model's compressor and placed at latent frames:
 
 ============== ============================================= ==============================================
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from framework.data.prompts import GenerationTask, PromptRequest
-from framework.frame_conditioning import FrameCondition
-from framework.interfaces import Compressor
-from framework.video_io import VideoDecodeError, read_video
+from framework.generation.frame_conditioning import FrameCondition
+from framework.core.interfaces import Compressor
+from framework.data.video_io import VideoDecodeError, read_video
 
 
 @dataclass

@@ -14,12 +14,16 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from framework.micro_conditions import MicroCondition, MicroConditions
-from framework.packing import PackedSequence
+if TYPE_CHECKING:
+    import PIL.Image
+
+from framework.core.micro_conditions import MicroCondition, MicroConditions
+from framework.layers.packing import PackedSequence
 
 
 # --------------------------------------------------------------------------------------------------- compressor
@@ -112,7 +116,7 @@ class Conditioning:
     """What a denoiser is conditioned on, per sample.
 
     The conditioner builds the caption part; ``micro_conditions`` (frame rate, original size; see
-    ``framework/micro_conditions.py``) are properties of the clip, not of the caption, so ``VideoDiffusion`` attaches
+    ``framework/core/micro_conditions.py``) are properties of the clip, not of the caption, so ``VideoDiffusion`` attaches
     them (``with_micro_conditions``) from the training batch or the prompt -- only when the denoiser lists some in
     ``Denoiser.micro_conditions``, and the same values on the guided and unguided branch of classifier-free guidance.
     """
@@ -226,3 +230,10 @@ class Sampler(nn.Module, ABC):
         self, model_fn: ModelFn, noise: PackedSequence, steps: int, callback: StepCallback | None = None
     ) -> PackedSequence:
         """Integrate from pure noise (t = 1) to data (t = 0); returns clean tokens with the layout of ``noise``."""
+
+
+class Captioner(nn.Module, ABC):
+    """Describes clips in words: one caption per clip, each given as a list of RGB frames (PIL images)."""
+
+    @abstractmethod
+    def caption(self, clips: list[list["PIL.Image.Image"]]) -> list[str]: ...

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from framework.interfaces import Patcher
-from framework.packing import PackedSequence
+from framework.core.interfaces import Patcher
+from framework.layers.packing import PackedSequence
 
 
 class FrameMaskStrategy(str, enum.Enum):

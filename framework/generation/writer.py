@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from framework.video_io import write_frame_grid, write_video
+from framework.data.video_io import write_frame_grid, write_video
 
 
 class VideoWriter(BasePredictionWriter):
