@@ -24,7 +24,7 @@ the step time, divided by a peak: the card's dense spec figure for known GPUs (`
 precision (``measured_gemm_tflops``), the rate a perfect implementation's matmuls could reach on this machine.
 
     pip install -e .[diffusers]
-    python benchmarks/dit_vs_diffusers.py --threads 1     # eager, writes benchmarks/results/dit_vs_diffusers.json
+    python benchmarks/dit_vs_diffusers.py --threads 1     # eager, a new benchmarks/results/dit_vs_diffusers/*.json
     python benchmarks/dit_vs_diffusers.py --compile       # also torch.compile (slow to compile on a small CPU)
     python benchmarks/dit_vs_diffusers.py --device cuda --precision bf16 --compile \
         --model-width 1152 --depth 28 --heads 16 --frames 8 --height 64 --width 64 \
@@ -53,6 +53,7 @@ from framework.core.interfaces import Conditioning, DenoiserIO
 from framework.layers.packing import PackedSequence
 from plugins.denoisers.dit import DiT
 from plugins.samplers.rectified_flow import RectifiedFlow
+from results_store import save_result  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -270,7 +271,8 @@ def main() -> None:
                         help="the device's peak at --precision, for MFU (default: GPU_PEAK_TFLOPS for known GPUs)")
     parser.add_argument("--gemm-size", type=int, default=None,
                         help="side of the square matmul whose rate is the measured peak (default 2048 CPU, 8192 GPU)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dit_vs_diffusers.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write here instead of a new file per run under benchmarks/results/dit_vs_diffusers/")
     args = parser.parse_args()
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -369,9 +371,13 @@ def main() -> None:
                      "cpu_time_ratio_ours_over_diffusers": cpu_latency_ratio},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    if args.out is None:  # the default: a new file per run (benchmarks/results_store.py), earlier runs kept
+        out = save_result("dit_vs_diffusers", result)
+    else:
+        out = args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ run is normalised by the model's own FLOP count (``DiT.flops_per_token``, forwar
 counts only useful (unpadded) tokens. Goal: packed >= 0.95x the uniform FLOP/s. Timings interleave the three runs;
 ratios are given from the fastest repeat (least disturbed by other jobs on a shared CPU) and from the median.
 
-    python benchmarks/packing_throughput.py            # -> benchmarks/results/packing_throughput.json
+    python benchmarks/packing_throughput.py            # -> a new benchmarks/results/packing_throughput/*.json per run
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from framework.layers.attention import AttentionBackend, resolve_backend
 from framework.core.interfaces import Conditioning, DenoiserIO
 from framework.layers.packing import PackedSequence
 from plugins.denoisers.dit import DiT
+from results_store import save_result  # benchmarks/ is on sys.path when a script here runs
 
-RESULTS = Path(__file__).resolve().parent / "results" / "packing_throughput.json"
 CONTEXT_LEN, CONTEXT_DIM, TOKEN_DIM = 16, 64, 48
 
 # Token grids (t, h, w). The uniform batch: 6 samples of 8x12x12 = 1152 tokens (6912 in all). The mixed batch has the
@@ -165,7 +165,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (1: steadier timings when other jobs share the cores)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=None,
+                        help="write here instead of a new file per run under benchmarks/results/packing_throughput/")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -175,8 +176,12 @@ def main() -> None:
     report = {"benchmark": "packing_throughput", "machine": machine(device), "dtype": str(dtype),
               "note": "CPU shared with other jobs: absolute times are noisy, ratios within one run are what matter",
               **run(args.width, args.depth, args.heads, args.repeats, device, dtype)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    if args.output is None:
+        output = save_result("packing_throughput", report)
+    else:
+        output = args.output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
     for name, r in report["runs"].items():
         print(f"{name:8s} {r['attention_backend']:9s} tokens {r['tokens_computed']:6d} (useful {r['useful_tokens']}) "
               f"step {r['min_step_s']:.3f}s best, {r['median_step_s']:.3f}s median  "
@@ -186,7 +191,7 @@ def main() -> None:
     print(f"padded / uniform FLOP/s: {report['padded_vs_uniform_flops_ratio']} best, "
           f"{report['padded_vs_uniform_flops_ratio_median']} median  "
           f"(padding wastes {report['padding_wasted_compute_pct']}% of the compute)")
-    print(f"wrote {args.output}")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from plugins.compressors.causal_vae import CausalVAE, Tiling, VAESize  # noqa: E402
+from results_store import save_result  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 FRAMES = (17, 65, 129)
 MODES = ("whole", "tiled", "streamed")
@@ -75,7 +76,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=[s.name for s in VAESize], default="SMALL")
     parser.add_argument("--latent-channels", type=int, default=8)
     parser.add_argument("--case", nargs=2, metavar=("FRAMES", "MODE"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vae_memory.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write here instead of a new file per run under benchmarks/results/vae_memory/")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(int(args.case[0]), args.case[1], args.size, args.preset, args.latent_channels)))
@@ -104,10 +106,14 @@ def main() -> None:
         "peak_ratio_129_over_17": ratios,
         "goal_tiled_129_within_1.1x_of_17": ratios["tiled"] <= 1.1,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.out is None:
+        out = save_result("vae_memory", result)
+    else:
+        out = args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(ratios))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
