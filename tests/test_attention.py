@@ -3,17 +3,24 @@ text conditioner built on it give the same per-sample results however a batch is
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
+from framework.layers import attention
 from framework.layers.attention import (
     AttentionBackend,
+    choose_mixed_length_backend,
+    device_signature,
+    flex_block_mask,
     packed_cross_attention,
     packed_self_attention,
     resolve_backend,
+    verified_backends,
     xformers_available,
 )
 from framework.core.interfaces import Conditioning, DenoiserIO
@@ -21,9 +28,6 @@ from framework.layers.packing import PackedSequence
 from plugins.conditioners.hashed_text import HashedTextConditioner, HashingTokenizer
 from plugins.denoisers.dit import DiT
 from plugins.patchers.spacetime import SpacetimePatcher
-
-# FlexAttention on CPU runs unfused outside torch.compile and says so once; that is expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
 
 HEADS, HEAD_DIM = 2, 8
 CPU = torch.device("cpu")
@@ -55,14 +59,9 @@ def reference_self_attention(q, k, v, packed):
 
 
 def run_backend(backend, *args, fn=packed_self_attention):
-    """Forward of one backend; FLEX is skipped where this torch build cannot run it on CPU."""
-    if backend is AttentionBackend.FLEX:
-        try:
-            with torch.no_grad():
-                return fn(*args, backend=backend)
-        except (NotImplementedError, RuntimeError) as err:
-            pytest.skip(f"FlexAttention forward is unavailable on this CPU build: {type(err).__name__}: {err}")
-    return fn(*args, backend=backend)
+    """Forward of one backend (FlexAttention has no CPU backward, so every forward here runs without gradients)."""
+    with torch.no_grad():
+        return fn(*args, backend=backend)
 
 
 SELF_CASES = [
@@ -186,6 +185,116 @@ def test_resolve_backend():
         packed_self_attention(*qkv(MIXED), MIXED, AttentionBackend.DENSE)
 
 
+XFORMERS, FLEX, SDPA_LOOP = AttentionBackend.XFORMERS, AttentionBackend.FLEX, AttentionBackend.SDPA_LOOP
+
+
+@pytest.mark.parametrize("verified, importable, expected", [
+    (set(), True, SDPA_LOOP),  # nothing verified: never an unrun xformers path, even where xformers imports
+    ({XFORMERS}, False, SDPA_LOOP),  # verified, but not importable in this environment
+    ({XFORMERS}, True, XFORMERS),
+    ({FLEX}, True, FLEX),
+    ({XFORMERS, FLEX}, False, FLEX),
+    ({XFORMERS, FLEX}, True, XFORMERS),
+])
+def test_auto_on_a_gpu_chooses_only_among_verified_backends(verified, importable, expected):
+    assert choose_mixed_length_backend(frozenset(verified), importable) is expected
+
+
+def write_records(path, *records):
+    path.write_text(json.dumps({"records": list(records)}))
+    return path
+
+
+def test_verified_backends_hold_only_for_the_same_device_torch_and_xformers(tmp_path):
+    here = device_signature(CPU)
+    assert here == {"device_name": "cpu", "torch": torch.__version__, "xformers": here["xformers"]}
+    path = write_records(
+        tmp_path / "verified.json",
+        {**here, "backends": ["flex"]},
+        {**here, "xformers": "0.0.0-another-build", "backends": ["xformers"]},  # another xformers: not this one
+        {**here, "torch": "1.0.0", "backends": ["dense"]},  # another torch
+        {**here, "device_name": "NVIDIA H100 80GB HBM3", "backends": ["sdpa_loop"]},  # another device
+    )
+    assert verified_backends(CPU, path) == {FLEX}
+    assert verified_backends(CPU, tmp_path / "absent.json") == frozenset()
+    (tmp_path / "bad.json").write_text('{"backends": ["flex"]}')
+    with pytest.raises(ValueError, match=r"bad\.json.*records"):
+        verified_backends(CPU, tmp_path / "bad.json")
+    write_records(tmp_path / "unknown.json", {**here, "backends": ["magic"]})
+    with pytest.raises(ValueError, match=r"unknown\.json.*'magic'"):
+        verified_backends(CPU, tmp_path / "unknown.json")
+
+
+def test_auto_on_cuda_reads_the_record_for_the_device_at_hand(tmp_path, monkeypatch):
+    """resolve_backend(AUTO) on a CUDA device, with the device's signature faked (no GPU here)."""
+    gpu = {"device_name": "NVIDIA H100 80GB HBM3", "torch": torch.__version__, "xformers": "0.0.33"}
+    monkeypatch.setattr(attention, "device_signature", lambda device: gpu)
+    monkeypatch.setattr(attention, "xformers_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    path = tmp_path / "verified.json"
+    monkeypatch.setenv("KINETOSCOPE_VERIFIED_BACKENDS", str(path))
+    for records, expected in [
+        ([], SDPA_LOOP),
+        ([{**gpu, "device_name": "NVIDIA A100-SXM4-40GB", "backends": ["xformers"]}], SDPA_LOOP),
+        ([{**gpu, "backends": ["flex"]}], FLEX),
+        ([{**gpu, "backends": ["flex", "xformers"]}], XFORMERS),
+    ]:
+        write_records(path, *records)
+        attention._auto_cuda_backend.cache_clear()
+        assert resolve_backend(AttentionBackend.AUTO, MIXED, cuda) is expected, records
+        assert resolve_backend(AttentionBackend.AUTO, UNIFORM, cuda) is AttentionBackend.DENSE
+    attention._auto_cuda_backend.cache_clear()
+
+
+JUNIT_CASE = {
+    "pass": '<testcase classname="tests.test_cuda" name="{}" time="1.0"/>',
+    "fail": '<testcase classname="tests.test_cuda" name="{}" time="1.0"><failure message="x"/></testcase>',
+    "skip": '<testcase classname="tests.test_cuda" name="{}" time="0.0"><skipped message="x"/></testcase>',
+}
+
+
+def test_gpu_check_records_only_the_kernels_whose_equality_tests_passed(tmp_path):
+    """benchmarks/record_verified_backends.py, as benchmarks/gpu_check.sh runs it (here with --device cpu)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "verified_backends.json"
+
+    def record(xformers: str, flex: str) -> frozenset:
+        cases = [JUNIT_CASE[xformers].format("test_xformers_matches_per_sample_sdpa_forward_and_backward_on_a_mixed_pack"),
+                 JUNIT_CASE[flex].format("test_flex_matches_per_sample_sdpa_forward_and_backward_on_a_mixed_pack")]
+        junit = tmp_path / "test_cuda.xml"
+        junit.write_text(f'<testsuites><testsuite name="pytest">{"".join(cases)}</testsuite></testsuites>')
+        subprocess.run([sys.executable, str(repo / "benchmarks" / "record_verified_backends.py"), "--junit", str(junit),
+                        "--device", "cpu", "--out", str(out)], check=True, capture_output=True, timeout=240)
+        return verified_backends(CPU, out)
+
+    assert record("skip", "fail") == frozenset()
+    assert record("pass", "fail") == {XFORMERS}
+    assert record("pass", "pass") == {XFORMERS, FLEX}
+    assert len(json.loads(out.read_text())["records"]) == 1  # a new run on the same device replaces its record
+    assert record("fail", "pass") == {FLEX}  # ... including a kernel that no longer passes
+
+
+# -------------------------------------------------------------------------------------------- FlexAttention
+def test_flex_block_mask_is_built_once_per_layout():
+    first = flex_block_mask(MIXED, CPU)
+    assert flex_block_mask(pack_of([(1, 2, 3), (2, 3, 3), (1, 1, 1), (1, 1, 5)]), CPU) is first  # same cu_seqlens
+    assert flex_block_mask(pack_of([(1, 1, 5), (1, 2, 3), (2, 3, 3), (1, 1, 1)]), CPU) is not first  # reordered
+
+
+def test_flex_runs_compiled_and_says_clearly_that_cpu_has_no_backward():
+    q, k, v = (x.requires_grad_() for x in qkv(MIXED))
+    with pytest.raises(NotImplementedError, match="flex.*no FlexAttention backward on CPU.*sdpa_loop"):
+        packed_self_attention(q, k, v, MIXED, AttentionBackend.FLEX)
+    with torch.no_grad():  # inference on CPU works, and equals the per-sample SDPA path
+        flex = packed_self_attention(q, k, v, MIXED, AttentionBackend.FLEX)
+        loop = packed_self_attention(q, k, v, MIXED, AttentionBackend.SDPA_LOOP)
+    # float32 softmax attention over at most 18 keys: both kernels round to ~1e-7 relative; outputs are O(1)
+    torch.testing.assert_close(flex, loop, rtol=0, atol=1e-5)
+
+
 # -------------------------------------------------------------------------------------------- DiT, end to end
 def make_dit(attention=AttentionBackend.AUTO) -> DiT:
     torch.manual_seed(0)
@@ -241,10 +350,7 @@ def test_dit_backends_agree_on_a_mixed_pack():
     with torch.no_grad():
         packed = patcher.patchify(latents)
         loop = make_dit(AttentionBackend.SDPA_LOOP)(packed, timestep, cond).tokens
-        try:
-            flex = make_dit(AttentionBackend.FLEX)(packed, timestep, cond).tokens
-        except (NotImplementedError, RuntimeError) as err:
-            pytest.skip(f"FlexAttention forward is unavailable on this CPU build: {err}")
+        flex = make_dit(AttentionBackend.FLEX)(packed, timestep, cond).tokens
     torch.testing.assert_close(flex, loop, rtol=0, atol=1e-5)
 
 
