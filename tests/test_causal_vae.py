@@ -82,7 +82,11 @@ def test_encoder_is_causal(vae) -> None:
 def test_the_first_frame_encodes_like_an_image(vae) -> None:
     video = smooth_video(9, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(vae.encode(video)[:, :, :1], vae.encode(video[:, :, :1]), atol=1e-6)
+        whole, alone = vae.encode(video)[:, :, :1], vae.encode(video[:, :, :1])
+    # Same arithmetic, but the convolutions over 9 frames block their float32 sums (27 x channels terms) differently
+    # from those over 1 frame: a few ulp per layer through the encoder, 4.5e-7 measured on latents up to 0.39 (15 ulp).
+    # 1e-5 (20x that) leaves room for other CPUs' kernels and stays far below the latents' scale.
+    torch.testing.assert_close(whole, alone, rtol=0, atol=1e-5)
 
 
 def test_untrained_vae_is_the_block_average_autoencoder() -> None:
