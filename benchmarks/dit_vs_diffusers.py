@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -371,12 +370,7 @@ def main() -> None:
                      "cpu_time_ratio_ours_over_diffusers": cpu_latency_ratio},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()},
     }
-    if args.out is None:  # the default: a new file per run (benchmarks/results_store.py), earlier runs kept
-        out = save_result("dit_vs_diffusers", result)
-    else:
-        out = args.out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save_result("dit_vs_diffusers", result, path=args.out)  # default: a new file per run, earlier runs kept
     print(f"wrote {out}")
 
 

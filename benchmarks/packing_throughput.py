@@ -20,7 +20,6 @@ ratios are given from the fastest repeat (least disturbed by other jobs on a sha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -176,12 +175,7 @@ def main() -> None:
     report = {"benchmark": "packing_throughput", "machine": machine(device), "dtype": str(dtype),
               "note": "CPU shared with other jobs: absolute times are noisy, ratios within one run are what matter",
               **run(args.width, args.depth, args.heads, args.repeats, device, dtype)}
-    if args.output is None:
-        output = save_result("packing_throughput", report)
-    else:
-        output = args.output
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=2) + "\n")
+    output = save_result("packing_throughput", report, path=args.output)  # default: a new file per run
     for name, r in report["runs"].items():
         print(f"{name:8s} {r['attention_backend']:9s} tokens {r['tokens_computed']:6d} (useful {r['useful_tokens']}) "
               f"step {r['min_step_s']:.3f}s best, {r['median_step_s']:.3f}s median  "

@@ -36,11 +36,16 @@ def machine() -> dict:
             "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
 
 
-def save_result(name: str, payload: dict, results_dir: Path = RESULTS) -> Path:
-    """Write ``payload`` (plus machine, commit and command) as a new file under ``results_dir/name/``."""
+def save_result(name: str, payload: dict, results_dir: Path = RESULTS, path: Path | None = None) -> Path:
+    """Write ``payload`` (plus machine, commit and command) as a new file under ``results_dir/name/``, or to
+    ``path`` when one is given (a script's ``--out``: that file is replaced)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     record = {"benchmark": name, "commit": commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "utc": stamp, "machine": machine(), **payload}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return path
     folder = results_dir / name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stamp}-{record['commit']}.json"

@@ -106,12 +106,7 @@ def main() -> None:
         "peak_ratio_129_over_17": ratios,
         "goal_tiled_129_within_1.1x_of_17": ratios["tiled"] <= 1.1,
     }
-    if args.out is None:
-        out = save_result("vae_memory", result)
-    else:
-        out = args.out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save_result("vae_memory", result, path=args.out)  # default: a new file per run, earlier runs kept
     print(json.dumps(ratios))
     print(f"wrote {out}")
 
