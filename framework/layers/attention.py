@@ -75,12 +75,7 @@ def verified_backends(device: torch.device, path: Path | None = None) -> frozens
     The file holds ``{"records": [{"device_name", "torch", "xformers", "backends": [...], ...}]}``; see
     ``benchmarks/record_verified_backends.py``, which writes it from the CUDA tests' results."""
     path = path or verified_backends_file()
-    if not path.exists():
-        return frozenset()
-    try:
-        records = json.loads(path.read_text())["records"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a verified-backends file ({{'records': [...]}}): {err}") from err
+    records = _read_records(path)
     here = device_signature(device)
     found: set[AttentionBackend] = set()
     for record in records:
@@ -98,13 +93,22 @@ def verified_backends(device: torch.device, path: Path | None = None) -> frozens
     return frozenset(found)
 
 
+def _read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        return list(json.loads(path.read_text())["records"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a verified-backends file ({{'records': [...]}}): {err}") from err
+
+
 def record_verified_backends(
     backends: set[AttentionBackend], device: torch.device, evidence: str, path: Path | None = None
 ) -> dict:
     """Record that ``backends`` passed their equality tests on ``device``; replaces an earlier record of the same
     device, torch and xformers. Returns the record."""
     path = path or verified_backends_file()
-    records = json.loads(path.read_text())["records"] if path.exists() else []
+    records = _read_records(path)
     here = device_signature(device)
     record = {**here, "backends": sorted(b.value for b in backends), "verified_by": evidence}
     records = [r for r in records if {k: r.get(k) for k in here} != here] + [record]
