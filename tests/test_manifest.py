@@ -3,6 +3,7 @@ videos, and bad files skipped, counted and reported with their paths while every
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
@@ -230,8 +231,12 @@ def test_images_and_videos_train_in_one_run_and_bad_files_are_reported(media, tm
     report = next(cb for cb in trainer.callbacks if isinstance(cb, SkippedSamplesReport))
     assert sorted(Path(p).name for p in report.last_report.paths) == sorted(broken)
     assert trainer.callback_metrics["data/skipped_samples"] == len(broken)
-    epoch_reports = [r.message for r in caplog.records if "skipped" in r.message]
+    epoch_reports = [r.message for r in caplog.records if r.message.startswith("epoch ")]
     assert len(epoch_reports) == 2 and all(name in epoch_reports[-1] for name in broken)
+    assert any(f"{len(broken)} files skipped in this run" in r.message for r in caplog.records)
+    written = json.loads((tmp_path / "skipped_samples.json").read_text())  # the run's output folder
+    assert written["count"] == len(broken)
+    assert sorted(Path(e["path"]).name for e in written["skipped"]) == sorted(broken)
 
 
 def test_datamodule_without_usable_samples_fails_listing_why(tmp_path):
