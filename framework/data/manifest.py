@@ -339,7 +339,8 @@ def decode_clip(path: str | Path, bucket: Bucket, start_s: float, step_s: float)
         frames = []
         for frame in chosen:  # a repeated frame (fps upsampling) is converted once
             if id(frame) not in converted:
-                converted[id(frame)] = _frame_to_rgb(frame, rh, rw)[top : top + bucket.height, left : left + bucket.width]
+                rgb = _frame_to_rgb(frame, rh, rw)  # [rh, rw, 3]
+                converted[id(frame)] = rgb[top : top + bucket.height, left : left + bucket.width]
             frames.append(converted[id(frame)])  # [H, W, 3]
     return _to_video(np.stack(frames))  # [3, T, H, W]
 

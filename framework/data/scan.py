@@ -34,6 +34,8 @@ COLUMNS = ("path", "caption", "frames", "fps", "width", "height", "duration_s")
 
 @dataclass
 class ScanResult:
+    """What a scan wrote and what the user should hear about."""
+
     rows: int = 0
     failures: list[tuple[Path, str]] = field(default_factory=list)  # (unreadable file, why)
     empty_captions: int = 0
@@ -72,7 +74,9 @@ def scan(folder: Path, output: Path, progress: bool = True, captions: Path | Non
             result.failures.append((path, err.reason))
             continue
         fps = float(meta["fps"])
-        texts = given.get(path.resolve()) or (sidecar_caption(path),)
+        texts = given.get(path.resolve(), ())
+        if not any(texts):
+            texts = (sidecar_caption(path),)
         rows.append({
             "path": os.path.relpath(path.resolve(), output.resolve().parent),
             "caption": texts[0],
