@@ -121,9 +121,9 @@ def decoding_worker_context() -> multiprocessing.context.BaseContext:
 
     A forked worker inherits whatever native thread state the training process holds -- PyAV/FFmpeg decoder and
     swscale thread pools from a metric callback, a preview or a ``read_video`` call before ``fit`` -- without its
-    threads, and can wait on them forever. The fork server is a fresh interpreter that only imports the data
-    modules (once; each worker is then forked from it, so a worker starts in well under a second), so no worker
-    inherits any of it. As with any non-fork start, a script that starts training must guard it with
+    threads, and can wait on them forever. The fork server is a fresh interpreter that imports the data modules
+    once per training process; each worker is forked from it, so no worker inherits any of that state
+    (``benchmarks/worker_start.py`` measures the cost). As with any non-fork start, a script that starts training must guard it with
     ``if __name__ == "__main__":``.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
