@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,11 +24,15 @@ from framework.data.manifest import (
     ManifestVideoDataset,
     SkippedSamples,
     SkippedSamplesReport,
+    empty_captions_message,
     read_manifest,
 )
 from framework.data.prompts import PromptDataset, Prompts, collate_prompts, load_prompt_requests
 from framework.data.resumable import ResumableDataLoader
 from framework.data.synthetic import SyntheticMovingShapes
+from framework.data.video_io import decoding_worker_context
+
+log = logging.getLogger("kinetoscope.data")
 
 
 def collate_videos(samples: list[dict]) -> dict:
@@ -177,6 +182,9 @@ class ManifestVideoDataModule(GenerationDataModule):
         if stage != "fit" or self.trainer is None:
             return
         self.dataset  # noqa: B018  (build now, so bad manifests fail before training starts)
+        message = empty_captions_message(f"manifest {self.manifest}", [s.row.captions for s in self.dataset.samples])
+        if message:
+            log.warning(message)
         if not any(isinstance(cb, SkippedSamplesReport) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(SkippedSamplesReport())
 
@@ -206,4 +214,6 @@ class ManifestVideoDataModule(GenerationDataModule):
             collate_fn=collate_manifest,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # workers decode video: never fork them from a process whose decoder threads they cannot inherit
+            multiprocessing_context=decoding_worker_context() if self.num_workers > 0 else None,
         )
