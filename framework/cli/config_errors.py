@@ -98,6 +98,9 @@ def error_summary(message: str) -> str | None:
         return f"{outer.group(1) if outer else 'config'}: class_path '{cls}' cannot be imported ({detail.strip()})"
     if problem := _innermost_problem(message):
         key, cls, detail = problem
+        given = re.search(r"^\s*Given value: (.*)$", message, flags=re.MULTILINE)  # the innermost comes first
+        if "Got value" not in detail and given and len(given.group(1)) <= 80 and not given.group(1).startswith("{"):
+            detail = f"{detail}. Got value: {given.group(1)}"
         return f"{key or cls}{f' ({cls})' if cls and key else ''}: {detail}"
     return None
 

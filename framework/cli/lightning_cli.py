@@ -56,11 +56,11 @@ class KinetoscopeArgumentParser(LightningArgumentParser):
     config_files: tuple[str, ...] = ()  # the -c files of this command line, set by cli_main
 
     def error(self, message: str, ex: Exception | None = None):
-        hint = explain_unknown_class(without_dumps(message))
+        summary = error_summary(message)
+        hint = explain_unknown_class(summary or without_dumps(message))
         if not self.exit_on_error:  # a nested parser: the caller parses the full text, so keep it
             message = summarize_config_error(message)
             return super().error(f"{message}\n{hint}" if hint else message, ex)
-        summary = error_summary(message)
         lines = [summary or shorten_dumps(message)]  # the nested detail only when no summary line was found
         if hint:
             lines.append(hint)
@@ -171,7 +171,7 @@ def check_prompt_sizes(model: VideoDiffusion, requests: list[PromptRequest]) -> 
 
 def explain_unknown_class(message: str) -> str | None:
     """Add the valid plugin names to jsonargparse's error for a class_path it could not resolve."""
-    if "import path" not in message.lower() and "class_path" not in message:
+    if "import path" not in message.lower() and "class_path" not in message and "required" not in message:
         return None
     registry = default_registry()
     hints = []
