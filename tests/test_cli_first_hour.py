@@ -4,6 +4,7 @@ around them. Every test drives the real command (``framework.cli.main.main``) fr
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -189,3 +190,24 @@ def test_docs_index_lists_each_page_once() -> None:
     pages = re.findall(r"^\| \[([\w-]+\.md)\]", (REPO / "docs" / "index.md").read_text(), flags=re.MULTILINE)
     assert len(pages) == len(set(pages)), pages
     assert set(pages) == {p.name for p in (REPO / "docs").glob("*.md")} - {"index.md"}
+
+
+# ------------------------------------------------------------------------------- benchmarks/quickstart_learning.py
+def test_quickstart_learning_scores_the_run_in_run_dir_and_fails_without_a_checkpoint(trained_root, tmp_path) -> None:
+    import subprocess
+
+    script = REPO / "benchmarks" / "quickstart_learning.py"
+    empty = tmp_path / "no_run"
+    result = subprocess.run([sys.executable, str(script), "--skip-train", "--run-dir", str(empty),
+                             "--output", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300,
+                            cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode != 0 and f"no last*.ckpt in {empty / 'checkpoints'}" in result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart_learning", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, root = trained_root
+    assert module.last_checkpoint(QUICKSTART, root) == root / "checkpoints" / "last.ckpt"
