@@ -68,7 +68,8 @@ class KinetoscopeArgumentParser(LightningArgumentParser):
             lines.append(f"(from config file {', '.join(files)})")
         self._logger.error(lines[0])
         parser = getattr(ex, "subcommand_parser", None) or self
-        sys.stderr.write(f"error: {chr(10).join(lines)}\n(all options: {parser.prog.replace(' [options]', '')} --help)\n")
+        text = "\n".join(lines)
+        sys.stderr.write(f"error: {text}\n(all options: {parser.prog.replace(' [options]', '')} --help)\n")
         self.exit(2)
 
 
