@@ -129,6 +129,7 @@ class ManifestVideoDataModule(GenerationDataModule):
     (``batching: packed``). ``geometry`` must match the model's compressor factors and patch size. Under DDP set
     ``trainer.use_distributed_sampler=false``: the batch samplers give each rank distinct batches themselves.
     Skipped files are reported at every epoch end by ``SkippedSamplesReport`` (added to the trainer if missing).
+    ``manifest`` is needed to train; ``predict`` only generates ``prompts`` and runs without one.
     """
 
     def __init__(
