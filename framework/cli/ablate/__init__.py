@@ -11,17 +11,16 @@ few generated clips. Layout of the output folder::
                                                         composed config plus the arguments after `--`)
     <output>/runs/<combination>__seed<k>/fit.log        the subprocess's stdout and stderr
     <output>/runs/<combination>__seed<k>/done.json      written atomically when the run finished: its results and
-                                                        the digest of config.yaml
+                                                        the digest of config.yaml and --probe-clips
     <output>/results.csv  results.json  results.md  loss_curves.png  metric_bars.png
 
-A run is skipped when its ``done.json`` holds the digest of the run's resolved config as it would be now, so an
-interrupted ablation restarts where it stopped, while a changed overlay, base config or argument after ``--`` trains
-the run again (a folder without ``done.json`` was interrupted and is trained again from scratch).
+A run is skipped when its ``done.json`` holds the digest of the run's resolved config (and ``--probe-clips``) as it
+would be now, so an interrupted ablation restarts where it stopped, while a changed overlay, base config or argument
+after ``--`` trains the run again (a folder without ``done.json`` was interrupted and is trained again from scratch).
 
 The package: ``overlays`` (composition, ``OverlayError``), ``runner`` (plan, resolved configs, subprocesses,
 ``done.json``), ``report`` (CSV, JSON, Markdown, plots); ``ablate_command`` here is the command line.
 """
-
 
 from __future__ import annotations
 

@@ -116,8 +116,9 @@ def resolved_config(config: dict, extra_args: list[str], staging: Path) -> str:
     return printed.getvalue()
 
 
-def config_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def run_digest(config_text: str, probe_clips: int) -> str:
+    """What a finished run is keyed by: its resolved config and how many clips its probe scored."""
+    return hashlib.sha256(f"{config_text}\n# probe_clips: {probe_clips}\n".encode("utf-8")).hexdigest()
 
 
 def run_ablation(settings: AblationSettings, log=print) -> list[dict]:
@@ -134,7 +135,7 @@ def run_ablation(settings: AblationSettings, log=print) -> list[dict]:
         resolved = resolved_config(redirect_outputs(configs[run.name], run_dir, run.seed), settings.extra_args,
                                    settings.output / "runs" / f".{run.name}.composed.yaml")
         finished = json.loads(marker.read_text()) if marker.exists() else None
-        if finished is not None and finished.get("config_sha256") == config_digest(resolved):
+        if finished is not None and finished.get("run_sha256") == run_digest(resolved, settings.probe_clips):
             log(f"[{index}/{len(runs)}] {run.name}: done with this config, skipped")
         else:
             why = "config changed since it finished, training again" if finished is not None else "training"
@@ -196,7 +197,7 @@ def run_one(run_dir: Path, probe_clips: int) -> None:
     config_text = (run_dir / "config.yaml").read_text()
     cli = cli_main(["fit", "-c", str(run_dir / "config.yaml")])
     result: dict[str, object] = {
-        "config_sha256": config_digest(config_text),
+        "run_sha256": run_digest(config_text, probe_clips),
         "steps": int(cli.trainer.global_step),
         "final_train_loss": last_logged(run_dir, "train/loss"),
         "final_val_loss": last_logged(run_dir, "val/loss"),
