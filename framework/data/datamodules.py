@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from framework.core.errors import UsageError
 from framework.data.buckets import (
     Bucket,
     BucketConfig,
@@ -133,11 +134,12 @@ class ManifestVideoDataModule(GenerationDataModule):
     (``batching: packed``). ``geometry`` must match the model's compressor factors and patch size. Under DDP set
     ``trainer.use_distributed_sampler=false``: the batch samplers give each rank distinct batches themselves.
     Skipped files are reported at every epoch end by ``SkippedSamplesReport`` (added to the trainer if missing).
+    ``manifest`` is needed to train; ``predict`` only generates ``prompts`` and runs without one.
     """
 
     def __init__(
         self,
-        manifest: Path,
+        manifest: Path | None = None,  # required to train; predict only needs the prompts
         buckets: BucketConfig | None = None,
         geometry: TokenGeometry | None = None,
         tokens_per_batch: int = 4096,
@@ -152,7 +154,7 @@ class ManifestVideoDataModule(GenerationDataModule):
         super().__init__(prompts)
         if tokens_per_batch < 1:
             raise ValueError(f"ManifestVideoDataModule: tokens_per_batch must be >= 1, got {tokens_per_batch}")
-        self.manifest = Path(manifest)
+        self.manifest = Path(manifest) if manifest is not None else None
         self.grid = BucketGrid(buckets or BucketConfig())
         self.geometry = geometry or TokenGeometry()
         self.bucket_tokens = {b: self.geometry.tokens(b) for b in self.grid.buckets}  # validates every bucket size
@@ -165,6 +167,9 @@ class ManifestVideoDataModule(GenerationDataModule):
     def dataset(self) -> ManifestVideoDataset:
         """Built on first use (probing files without metadata), not when a config is parsed."""
         if self._dataset is None:
+            if self.manifest is None:
+                raise UsageError("ManifestVideoDataModule: no manifest given; training needs one: "
+                                 "--data.init_args.manifest=PATH (make it with `kinetoscope scan DIR -o DIR/manifest.csv`)")
             bad_rows = SkippedSamples()  # rows that cannot be parsed are skipped and reported like bad files
             self._dataset = ManifestVideoDataset(read_manifest(self.manifest, bad_rows), self.grid, self.clip)
             self._dataset.skipped.entries.update(bad_rows.entries)
