@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 
 from framework.data.synthetic import SyntheticMovingShapes, render_clip
-from framework.generation.frame_conditioning import FrameCondition, token_mask, ungiven_frames
+from framework.generation.frame_conditioning import FrameCondition, token_mask, ungiven_frames, with_given_tokens
 from framework.metrics.motion_probe import score_clip
 from framework.modules import VideoDiffusion
-from framework.modules.video_diffusion import with_given_tokens
 from framework.core.registry import default_registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +66,8 @@ def context_frames_kept(model: VideoDiffusion, video: torch.Tensor, context: int
     latent = model.compressor.encode(video[None])[0]  # [c, t, h, w]
     t_context = model.compressor.latent_shape(context, video.shape[2], video.shape[3])[0]
     mask = torch.arange(latent.shape[1]) < t_context
-    if model.given_channels(model.frame_embedding, [latent], [mask]) is not None:
+    embedding = model.frame_embedding
+    if embedding is not None and embedding.given_channels(model.patcher, [latent], [mask], model.device) is not None:
         return t_context  # given as channels: every frame reaches the model, whole tokens or not
     return t_context - ungiven_frames(model.patcher, [tuple(latent.shape)], [mask])[0]
 
@@ -77,15 +77,17 @@ def context_loss_gain(model: VideoDiffusion, videos: list[torch.Tensor], caption
     """The model's own training loss on the frames after the context, with the context given vs not given (same
     timesteps and noise): how much the given frames help it denoise the rest. Tokens that hold both given and
     generated frames (8-frame tubes with ``channels``) stay in the loss, given frames included."""
-    denoiser, conditioner = model.sampling_modules()
-    marker = model.sampling_frame_marker()
+    pipeline = model.pipeline()  # the weights generation uses (EMA when on)
+    denoiser, conditioner, embedding = pipeline.denoiser, pipeline.conditioner, pipeline.frame_embedding
+    marker = embedding.marker if embedding is not None else None
     latents = [model.compressor.encode(v[None])[0] for v in videos]  # [c, t, h, w] each
     clean = model.patcher.patchify(latents)
     shapes = [tuple(model.compressor.encode(v[None])[0].shape) for v in videos]
     t_context = model.compressor.latent_shape(context, videos[0].shape[2], videos[0].shape[3])[0]
     masks = [torch.arange(shape[1]) < t_context for shape in shapes]
     given = token_mask(model.patcher, shapes, masks)  # [N]
-    channels = model.given_channels(model.sampling_frame_embedding(), latents, masks)  # None without channels
+    channels = (embedding.given_channels(model.patcher, latents, masks, model.device)
+                if embedding is not None else None)  # None without channels
     cond = conditioner(captions)
     plain = lambda x, t: denoiser(x, t, cond)  # noqa: E731
     with_context = with_given_tokens(plain, given, clean.tokens, marker, channels)

@@ -323,6 +323,7 @@ def run_one(run_dir: Path, probe_clips: int, extra_args: list[str]) -> None:
     import torch
 
     from framework.cli.lightning_cli import cli_main
+    from framework.training.ema import ema_weights
 
     started = time.perf_counter()
     cli = cli_main(["fit", "-c", str(run_dir / "config.yaml"), "--trainer.enable_progress_bar=false", *extra_args])
@@ -340,7 +341,8 @@ def run_one(run_dir: Path, probe_clips: int, extra_args: list[str]) -> None:
     prompts = getattr(cli.datamodule, "prompts", None)
     if prompts is not None and hasattr(cli.model, "generate"):
         torch.manual_seed(0)
-        result.update(probe_score(cli.model, prompts, probe_clips) or {})
+        with ema_weights(cli.trainer, cli.model):  # the averaged weights, as predict would use
+            result.update(probe_score(cli.model, prompts, probe_clips) or {})
     result["wall_s"] = round(time.perf_counter() - started, 2)
     temporary = run_dir / (DONE_MARKER + ".tmp")
     temporary.write_text(json.dumps(result, indent=2))
