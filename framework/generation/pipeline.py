@@ -10,7 +10,7 @@ hands it the trained modules; ``kinetoscope predict``, the metric callbacks and 
     --Patcher.unpatchify--> latents --Compressor.decode--> videos [3, T, H, W] in [-1, 1] --> GeneratedVideo
 
 Extension points for models with their own conventions: ``initial_noise`` (or the ``noise`` argument of
-``generate_latents``) decides the starting latent; the sampler alone maps its schedule to the ``t`` it hands the
+``generate``) decides the starting latent; the sampler alone maps its schedule to the ``t`` it hands the
 model function, so a sampler written for another timestep convention plugs in unchanged; ``decode`` goes through
 the compressor's ``decode_list``.
 """
@@ -73,19 +73,9 @@ class GenerationPipeline:
     ``sampling_steps``, ``guidance_scale``, ``guidance_rescale`` and ``output_fps`` are the defaults a call may
     override; ``frame_embedding`` is the trained given-frame marker (None: plain replacement for given frames)."""
 
-    def __init__(
-        self,
-        compressor: Compressor,
-        patcher: Patcher,
-        denoiser: Denoiser,
-        conditioner: Conditioner,
-        sampler: Sampler,
-        frame_embedding: FrameConditionEmbedding | None = None,
-        sampling_steps: int = 30,
-        guidance_scale: float = 4.0,
-        guidance_rescale: float = 0.0,
-        output_fps: float = 8.0,
-    ) -> None:
+    def __init__(self, compressor: Compressor, patcher: Patcher, denoiser: Denoiser, conditioner: Conditioner,
+                 sampler: Sampler, frame_embedding: FrameConditionEmbedding | None = None, sampling_steps: int = 30,
+                 guidance_scale: float = 4.0, guidance_rescale: float = 0.0, output_fps: float = 8.0) -> None:
         if sampling_steps < 1:
             raise ValueError(f"GenerationPipeline: sampling_steps must be >= 1, got {sampling_steps}")
         if not 0.0 <= guidance_rescale <= 1.0:
@@ -134,6 +124,7 @@ class GenerationPipeline:
         fps: list[float | None] | None = None,
         original_sizes: list[tuple[int, int] | None] | None = None,
         noise: list[Tensor] | None = None,
+        decode: bool = True,
     ) -> list[Tensor]:
         """Sample one video per caption at its (frames, height, width) -> list of [3, T, H, W] in [-1, 1] (CPU).
 
@@ -143,46 +134,8 @@ class GenerationPipeline:
         ``sdedits`` starts a sample from a noised latent (all in one call must share the strength). ``fps`` and
         ``original_sizes`` (height, width) are the micro-conditions a denoiser configured with them gets (None: the
         pipeline's ``output_fps``, or STILL_IMAGE_FPS for one frame, and the requested size). ``noise`` replaces
-        the seeded initial latents [c, t, h, w] (see ``initial_noise``)."""
-        latents = self.generate_latents(captions, sizes, seeds, steps, guidance_scale, guidance_rescale,
-                                        negative_prompts, frame_conditions, sdedits, fps, original_sizes, noise)
-        return self.decode(latents)
-
-    def decode(self, latents: list[Tensor]) -> list[Tensor]:
-        """Latents [c, t, h, w] -> videos [3, T, H, W] in [-1, 1], float32 on CPU, through the compressor."""
-        return [v.float().cpu() for v in self.compressor.decode_list(latents)]
-
-    def initial_noise(self, captions: list[str], sizes: list[tuple[int, int, int]], seeds: list[int]) -> list[Tensor]:
-        """Per prompt, Gaussian latent noise [c, t, h, w] from its own seed on a CPU generator (the same seed gives
-        the same video on any device and in any batch); a size that does not fit is named with its caption."""
-        noise = []
-        for caption, (frames, height, width), seed in zip(captions, sizes, seeds):
-            try:
-                shape = self.compressor.latent_shape(frames, height, width)
-                self.patcher.grid_size(shape)
-            except ValueError as err:
-                raise ValueError(f"cannot generate {frames}x{height}x{width} for {caption!r}: {err}") from None
-            generator = torch.Generator().manual_seed(seed)
-            noise.append(torch.randn(self.compressor.latent_channels, *shape, generator=generator))
-        return noise
-
-    @torch.no_grad()
-    def generate_latents(
-        self,
-        captions: list[str],
-        sizes: list[tuple[int, int, int]],
-        seeds: list[int],
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_rescale: float | None = None,
-        negative_prompts: list[str] | None = None,
-        frame_conditions: list[FrameCondition | None] | None = None,
-        sdedits: list[SDEdit | None] | None = None,
-        fps: list[float | None] | None = None,
-        original_sizes: list[tuple[int, int] | None] | None = None,
-        noise: list[Tensor] | None = None,
-    ) -> list[Tensor]:
-        """``generate`` up to the decoder: the sampled latents [c, t, h, w] (on the pipeline's device)."""
+        the seeded initial latents [c, t, h, w] (see ``initial_noise``); ``decode=False`` returns the sampled
+        latents [c, t, h, w] (on the pipeline's device) instead of decoding them."""
         if not captions:
             raise ValueError("generate: the caption list is empty")
         if not len(captions) == len(sizes) == len(seeds):
@@ -224,7 +177,25 @@ class GenerationPipeline:
                 if fc is not None:
                     keep = fc.frame_mask.to(device)[None, :, None, None]  # [1, t, 1, 1]
                     latents[i] = torch.where(keep, fc.latent.to(latents[i]), latents[i])
-        return latents
+        return self.decode(latents) if decode else latents
+
+    def decode(self, latents: list[Tensor]) -> list[Tensor]:
+        """Latents [c, t, h, w] -> videos [3, T, H, W] in [-1, 1], float32 on CPU, through the compressor."""
+        return [v.float().cpu() for v in self.compressor.decode_list(latents)]
+
+    def initial_noise(self, captions: list[str], sizes: list[tuple[int, int, int]], seeds: list[int]) -> list[Tensor]:
+        """Per prompt, Gaussian latent noise [c, t, h, w] from its own seed on a CPU generator (the same seed gives
+        the same video on any device and in any batch); a size that does not fit is named with its caption."""
+        noise = []
+        for caption, (frames, height, width), seed in zip(captions, sizes, seeds):
+            try:
+                shape = self.compressor.latent_shape(frames, height, width)
+                self.patcher.grid_size(shape)
+            except ValueError as err:
+                raise ValueError(f"cannot generate {frames}x{height}x{width} for {caption!r}: {err}") from None
+            generator = torch.Generator().manual_seed(seed)
+            noise.append(torch.randn(self.compressor.latent_channels, *shape, generator=generator))
+        return noise
 
     def _check_noise(self, noise: list[Tensor], sizes: list[tuple[int, int, int]]) -> list[Tensor]:
         if len(noise) != len(sizes):

@@ -25,15 +25,11 @@ from plugins.samplers.gaussian_diffusion import BetaSchedule, DiffusionRun, Gaus
 class DDIM(GaussianDiffusion):
     """DDIM (Song et al. 2021): shared diffusion training; eta = 0 deterministic, eta = 1 ancestral sampling."""
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_schedule: BetaSchedule = BetaSchedule.LINEAR,
-        prediction: Prediction = Prediction.EPSILON,
-        zero_terminal_snr: bool = False,
-        eta: float = 0.0,
-        noise_seed: int = 0,
-    ) -> None:
+    # The base's parameters are listed again (not **kwargs): the config reference and `kinetoscope plugins` read
+    # the signature. Only eta is DDIM's own.
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: BetaSchedule = BetaSchedule.LINEAR,
+                 prediction: Prediction = Prediction.EPSILON, zero_terminal_snr: bool = False, eta: float = 0.0,
+                 noise_seed: int = 0) -> None:
         super().__init__(num_train_timesteps, beta_schedule, prediction, zero_terminal_snr, noise_seed)
         if eta < 0:
             raise ValueError(f"DDIM: eta must be >= 0, got {eta}")

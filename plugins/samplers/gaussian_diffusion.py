@@ -168,14 +168,8 @@ class GaussianDiffusion(SteppedSampler):
         return self.clean_and_noise(prediction, x.tokens, *self.alpha_sigma(index))
 
     # ------------------------------------------------------------------------------------------------ training
-    def training_loss(
-        self,
-        model_fn: ModelFn,
-        clean: PackedSequence,
-        generator: torch.Generator | None = None,
-        loss_mask: Tensor | None = None,
-    ) -> Tensor:
-        """``loss_mask`` [N] bool limits the loss to those tokens (frame conditioning leaves given frames out)."""
+    def training_loss(self, model_fn: ModelFn, clean: PackedSequence, generator: torch.Generator | None = None,
+                      loss_mask: Tensor | None = None) -> Tensor:
         x0 = clean.tokens  # [N, D]
         device = x0.device
         index = torch.randint(0, self.num_train_timesteps, (clean.num_samples,), generator=generator, device=device)

@@ -87,14 +87,8 @@ class RectifiedFlow(SteppedSampler):
             return torch.full_like(lengths, self.shift)
         return self.shift * (lengths / self.shift_reference_tokens).sqrt()
 
-    def training_loss(
-        self,
-        model_fn: ModelFn,
-        clean: PackedSequence,
-        generator: torch.Generator | None = None,
-        loss_mask: Tensor | None = None,
-    ) -> Tensor:
-        """``loss_mask`` [N] bool limits the loss to those tokens (frame conditioning leaves given frames out)."""
+    def training_loss(self, model_fn: ModelFn, clean: PackedSequence, generator: torch.Generator | None = None,
+                      loss_mask: Tensor | None = None) -> Tensor:
         x0 = clean.tokens  # [N, D]
         device = x0.device
         logits = torch.randn(clean.num_samples, generator=generator, device=device) * self.logit_std + self.logit_mean
