@@ -39,9 +39,17 @@ from framework.generation.frame_conditioning import FrameCondition, token_mask, 
 from framework.metrics.motion_probe import score_clip
 from framework.modules import VideoDiffusion
 from framework.core.registry import default_registry
+from framework.training.ema import load_averaged_weights
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "continuation.json"
+
+
+def load_with_average(path: str) -> VideoDiffusion:
+    """A checkpoint's model with its EMACallback average loaded (the weights predict generates with)."""
+    model = VideoDiffusion.load_from_checkpoint(path, map_location="cpu").eval()
+    load_averaged_weights(model, torch.load(path, map_location="cpu", weights_only=True))
+    return model
 
 
 def continue_clips(model: VideoDiffusion, videos: list[torch.Tensor], captions: list[str], context: int,
@@ -123,8 +131,7 @@ def main() -> None:
             raise SystemExit(f"no checkpoint at {path}: see the commands in this script's docstring")
     default_registry()
     torch.set_grad_enabled(False)
-    conditioned = VideoDiffusion.load_from_checkpoint(args.conditioned, map_location="cpu").eval()
-    baseline = VideoDiffusion.load_from_checkpoint(args.baseline, map_location="cpu").eval()
+    conditioned, baseline = (load_with_average(path) for path in (args.conditioned, args.baseline))
     held_out = SyntheticMovingShapes(num_samples=args.clips, sizes=[(args.frames, 16, 16)], seed=987654)
     specs = [held_out.spec(i) for i in range(args.clips)]
     videos = [render_clip(spec) for spec in specs]  # [3, T, 16, 16] each

@@ -101,6 +101,13 @@ def test_checkpoints_with_the_former_module_ema_hand_it_to_ema_callback() -> Non
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(moved["average"]) == trained and moved["num_updates"] == 7
     assert torch.equal(moved["average"]["denoiser.head.weight"], model.denoiser.head.weight + 1)
+    # Scripts that load a checkpoint without a trainer (benchmarks) take the average like this:
+    from framework.training.ema import load_averaged_weights
+
+    expected = model.denoiser.head.weight.detach() + 1
+    assert load_averaged_weights(model, checkpoint)
+    assert torch.equal(model.denoiser.head.weight, expected)
+    assert not load_averaged_weights(model, {"state_dict": {}})
 
 
 def test_negative_prompts_and_guidance_rescale_change_generation_and_empty_ones_do_not(tmp_path) -> None:

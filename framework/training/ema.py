@@ -146,3 +146,19 @@ def ema_weights(trainer: L.Trainer, pl_module: L.LightningModule):
         if isinstance(callback, EMACallback) and callback.evaluate_with_ema:
             return callback.averaged_weights(pl_module)
     return nullcontext(pl_module)
+
+
+def load_averaged_weights(pl_module: torch.nn.Module, checkpoint: dict[str, Any]) -> bool:
+    """Copy the ``EMACallback`` average stored in a loaded ``checkpoint`` into ``pl_module``'s parameters (for
+    scripts that load a checkpoint without a trainer); False when the checkpoint holds none."""
+    states = [state for key, state in checkpoint.get("callbacks", {}).items()
+              if key.startswith("EMACallback") and state.get("average")]
+    if not states:
+        return False
+    params = dict(pl_module.named_parameters())
+    with torch.no_grad():
+        for name, value in states[0]["average"].items():
+            if name not in params:
+                raise RuntimeError(f"EMACallback average holds {name}, which the model does not have")
+            params[name].copy_(value)
+    return True
