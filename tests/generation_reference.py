@@ -163,7 +163,7 @@ CLI_MODEL = ["--model.init_args.denoiser.init_args.width=32", "--model.init_args
              "--model.init_args.conditioner.init_args.num_heads=2", "--model.init_args.sampling_steps=3"]
 
 
-def cli_predict(tmp: Path, model_args: list[str]) -> list[Tensor]:
+def cli_predict(tmp: Path, model_args: list[str], checkpoint: Path | None = None) -> list[Tensor]:
     """``kinetoscope predict -c configs/quickstart.yaml`` (shrunk by ``CLI_MODEL``; its EMACallback holds no average
     for a checkpoint without one) from a checkpoint of named
     weights, with a negative prompt: the PNG frame grids it writes, as uint8 [H, W, 3] (lossless, unlike MP4)."""
@@ -172,11 +172,14 @@ def cli_predict(tmp: Path, model_args: list[str]) -> list[Tensor]:
 
     from framework.cli.main import main
 
-    model = build(DiT(width=32, depth=2, num_heads=2), RectifiedFlow(shift=3.0, prediction="clean"), patch=(8, 4, 4))
-    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": L.__version__}, tmp / "named.ckpt")
-    out = tmp / "samples"
+    if checkpoint is None:
+        model = build(DiT(width=32, depth=2, num_heads=2), RectifiedFlow(shift=3.0, prediction="clean"),
+                      patch=(8, 4, 4))
+        checkpoint = tmp / "named.ckpt"
+        torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": L.__version__}, checkpoint)
+    out = tmp / f"samples_{checkpoint.stem}"
     config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-    main(["predict", "-c", str(config), "--ckpt_path", str(tmp / "named.ckpt"), *CLI_MODEL, *model_args,
+    main(["predict", "-c", str(config), "--ckpt_path", str(checkpoint), *CLI_MODEL, *model_args,
           "--data.init_args.prompts.negative_prompt=a still frame", "--trainer.logger=false",
           f"--trainer.callbacks.output_dir={out}", "--trainer.callbacks.formats=[gif]",
           "--trainer.callbacks.upscale=1", "--trainer.enable_progress_bar=false",

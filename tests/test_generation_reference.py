@@ -40,3 +40,27 @@ def test_kinetoscope_predict_writes_the_stored_reference_frames(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert_same_videos("cli_predict", ref.cli_predict(tmp_path, []),
                        stored["cli_predict"])
+
+
+def test_predict_from_a_checkpoint_with_the_former_module_ema_uses_its_average(tmp_path, monkeypatch):
+    """A checkpoint written before EMACallback (hyperparameter ``ema_decay``, the average as ``ema.module.*``) still
+    predicts through ``kinetoscope predict`` with its averaged weights: the same frames as a checkpoint holding
+    those weights directly."""
+    import lightning as L
+
+    from plugins.denoisers.dit import DiT
+    from plugins.samplers.rectified_flow import RectifiedFlow
+
+    monkeypatch.chdir(tmp_path)
+    model = ref.build(DiT(width=32, depth=2, num_heads=2), RectifiedFlow(shift=3.0, prediction="clean"),
+                      patch=(8, 4, 4))
+    averaged = {k: v for k, v in model.state_dict().items()}
+    state = {k: (v + 0.05 if v.is_floating_point() else v) for k, v in averaged.items()}  # "trained" != average
+    old = {f"ema.module.{name}": averaged[name] for name, p in model.named_parameters()}
+    old["ema.n_averaged"] = torch.tensor(40)
+    hparams = {"_class_path": "framework.modules.VideoDiffusion", "ema_decay": 0.995}  # as LightningCLI saves them
+    torch.save({"state_dict": {**state, **old}, "hyper_parameters": hparams,
+                "pytorch-lightning_version": L.__version__}, tmp_path / "old.ckpt")
+    from_old = ref.cli_predict(tmp_path, [], checkpoint=tmp_path / "old.ckpt")
+    torch.save({"state_dict": averaged, "pytorch-lightning_version": L.__version__}, tmp_path / "plain.ckpt")
+    assert_same_videos("old checkpoint", from_old, ref.cli_predict(tmp_path, [], checkpoint=tmp_path / "plain.ckpt"))

@@ -74,6 +74,7 @@ class VideoDiffusion(L.LightningModule):
         compile_denoiser: bool = False,
         compile_mode: CompileMode = "default",
         fused_optimizer: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         """``cosine_decay`` anneals the learning rate to ``min_lr_ratio`` of its peak by the end of training
         (``trainer.max_steps``). An exponential moving average of the weights is kept by
@@ -81,7 +82,9 @@ class VideoDiffusion(L.LightningModule):
         ``frame_conditioning`` trains with given clean frames drawn by these mask strategies (docs/conditioning.md).
         ``compile_denoiser`` runs the denoiser through ``torch.compile`` with ``compile_mode`` for
         training and sampling, compiled once for any packed layout (``framework.training.compilation``);
-        ``fused_optimizer`` uses AdamW's fused kernel (``fused=True``: one kernel for all parameters, CPU and GPU)."""
+        ``fused_optimizer`` uses AdamW's fused kernel (``fused=True``: one kernel for all parameters, CPU and GPU).
+        ``ema_decay`` is accepted only so that configs and checkpoints from before EMACallback still load: it has
+        no effect (a warning says where the EMA went)."""
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"VideoDiffusion: learning_rate must be > 0, got {learning_rate}")
@@ -93,6 +96,10 @@ class VideoDiffusion(L.LightningModule):
             raise ValueError(f"VideoDiffusion: guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if sampling_steps < 1:
             raise ValueError(f"VideoDiffusion: sampling_steps must be >= 1, got {sampling_steps}")
+        if ema_decay:
+            log.warning("VideoDiffusion: ema_decay=%s has no effect: the EMA is framework.training.ema.EMACallback's "
+                        "(add it to trainer.callbacks with decay: %s); a checkpoint's former ema.* weights are handed "
+                        "to it on load", ema_decay, ema_decay)
         # Under LightningCLI the hyperparameters are the plugins' class_path/init_args config, which
         # ``load_from_checkpoint`` re-instantiates; built directly in Python, the plugin objects themselves are left
         # out, because pickling modules into a checkpoint would make loading execute code.
