@@ -64,3 +64,22 @@ def test_predict_from_a_checkpoint_with_the_former_module_ema_uses_its_average(t
     from_old = ref.cli_predict(tmp_path, [], checkpoint=tmp_path / "old.ckpt")
     torch.save({"state_dict": averaged, "pytorch-lightning_version": L.__version__}, tmp_path / "plain.ckpt")
     assert_same_videos("old checkpoint", from_old, ref.cli_predict(tmp_path, [], checkpoint=tmp_path / "plain.ckpt"))
+
+
+def test_pipeline_built_from_plugins_takes_given_noise_and_returns_latents(stored):
+    """The pipeline on its own (no LightningModule): given initial noise equal to the seeded one reproduces the
+    stored videos, ``decode=False`` returns the latents that decode to them, and noise of the wrong shape is named."""
+    from framework.generation.pipeline import GenerationPipeline
+    from plugins.denoisers.dit import DiT
+    from plugins.samplers.rectified_flow import RectifiedFlow
+
+    model = ref.build(DiT(width=32, depth=2, num_heads=2), RectifiedFlow(shift=3.0), sampling_steps=3)
+    pipeline = GenerationPipeline(model.compressor, model.patcher, model.denoiser, model.conditioner, model.sampler,
+                                  sampling_steps=3)
+    sizes = [(4, 16, 16), (4, 16, 24)]
+    noise = pipeline.initial_noise(ref.CAPTIONS, sizes, [0, 7])
+    latents = pipeline.generate(ref.CAPTIONS, sizes, [123, 456], noise=noise, decode=False)
+    assert [tuple(x.shape) for x in latents] == [(3, 4, 16, 16), (3, 4, 16, 24)]
+    assert_same_videos("pipeline", pipeline.decode(latents), stored["text_to_video_dit"])
+    with pytest.raises(ValueError, match=r"sample 1's noise is \(3, 4, 16, 16\), its latent is \(3, 4, 16, 24\)"):
+        pipeline.generate(ref.CAPTIONS, sizes, [0, 7], noise=[noise[0], noise[0]])
