@@ -27,6 +27,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from framework.training.ema import load_averaged_weights
 from framework.cli.lightning_cli import cli_main
 from framework.cli.run_paths import last_checkpoint_folders, last_checkpoints
 from framework.data.synthetic import BACKGROUND_COLOURS, DIRECTIONS, OBJECT_COLOURS, SHAPES
@@ -85,8 +86,10 @@ def build_model(config: Path, checkpoint: Path | None):
     cli = cli_main(["-c", str(config), "--trainer.logger=false"], run=False)
     model = cli.model
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-        model.load_state_dict(state)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.on_load_checkpoint(state)  # a former in-module EMA (ema.*) moves to the EMACallback state
+        model.load_state_dict(state["state_dict"])
+        load_averaged_weights(model, state)  # generate with the EMA weights, as predict does
     return model.eval()
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from framework.core.errors import UsageError
 from framework.data.buckets import (
@@ -60,6 +61,21 @@ def collate_manifest(samples: list[dict]) -> dict:
     return batch
 
 
+def training_loader(dataset: Dataset, batch_sampler: Sampler[list[int]], collate_fn: Callable[[list[dict]], dict],
+                    num_workers: int, multiprocessing_context: BaseContext | None = None) -> DataLoader:
+    """The one place every data module builds its training loader: a ``ResumableDataLoader`` (its mid-epoch position
+    is saved in checkpoints, for exact resume) over ``batch_sampler``'s batches, with persistent workers when there
+    are any, started from ``multiprocessing_context`` (the platform default when None)."""
+    return ResumableDataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        multiprocessing_context=multiprocessing_context,
+    )
+
+
 class GenerationDataModule(L.LightningDataModule):
     """Base for data modules: serves ``predict`` from ``prompts``."""
 
@@ -79,21 +95,13 @@ class SyntheticVideoDataModule(GenerationDataModule):
     per frame at ``fps``), for the fps micro-condition.
     """
 
-    def __init__(
-        self,
-        num_samples: int = 2048,
-        sizes: Sequence[tuple[int, int, int]] = ((8, 16, 16), (8, 16, 24), (8, 24, 16), (4, 16, 16)),
-        object_size: int = 5,
-        speed: int = 1,
-        seed: int = 0,
-        fps: float = 8.0,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        prompts: Prompts | None = None,
-        tokens_per_batch: int | None = None,
-        geometry: TokenGeometry | None = None,
-        frame_rates: Sequence[float] | None = None,
-    ) -> None:
+    # The dataset's arguments first (passed on to SyntheticMovingShapes), then batching and prompts.
+    def __init__(self, num_samples: int = 2048,
+                 sizes: Sequence[tuple[int, int, int]] = ((8, 16, 16), (8, 16, 24), (8, 24, 16), (4, 16, 16)),
+                 object_size: int = 5, speed: int = 1, seed: int = 0, fps: float = 8.0,
+                 batch_size: int = 16, num_workers: int = 0, prompts: Prompts | None = None,
+                 tokens_per_batch: int | None = None, geometry: TokenGeometry | None = None,
+                 frame_rates: Sequence[float] | None = None) -> None:
         super().__init__(prompts)
         self.dataset = SyntheticMovingShapes(num_samples, [tuple(s) for s in sizes], object_size, speed, seed, fps,
                                              frame_rates)
@@ -110,13 +118,7 @@ class SyntheticVideoDataModule(GenerationDataModule):
         return TokenBudgetBatchSampler(tokens, self.tokens_per_batch, seed=self.seed, max_batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(  # its mid-epoch position is saved in checkpoints (exact resume)
-            self.dataset,
-            batch_sampler=self.batch_sampler(),
-            collate_fn=collate_videos,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return training_loader(self.dataset, self.batch_sampler(), collate_videos, self.num_workers)
 
 
 class Batching(str, enum.Enum):
@@ -213,12 +215,6 @@ class ManifestVideoDataModule(GenerationDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(  # its mid-epoch position is saved in checkpoints (exact resume)
-            self.dataset,
-            batch_sampler=self.batch_sampler(),
-            collate_fn=collate_manifest,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # workers decode video: never fork them from a process whose decoder threads they cannot inherit
-            multiprocessing_context=decoding_worker_context() if self.num_workers > 0 else None,
-        )
+        # workers decode video: never fork them from a process whose decoder threads they cannot inherit
+        return training_loader(self.dataset, self.batch_sampler(), collate_manifest, self.num_workers,
+                               decoding_worker_context() if self.num_workers > 0 else None)

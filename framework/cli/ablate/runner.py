@@ -192,6 +192,7 @@ def run_one(run_dir: Path, probe_clips: int) -> None:
     import torch
 
     from framework.cli.lightning_cli import cli_main
+    from framework.training.ema import ema_weights
 
     started = time.perf_counter()
     config_text = (run_dir / "config.yaml").read_text()
@@ -211,7 +212,8 @@ def run_one(run_dir: Path, probe_clips: int) -> None:
     prompts = getattr(cli.datamodule, "prompts", None)
     if prompts is not None and hasattr(cli.model, "generate"):
         torch.manual_seed(0)
-        result.update(probe_score(cli.model, prompts, probe_clips) or {})
+        with ema_weights(cli.trainer, cli.model):  # the averaged weights, as predict would use
+            result.update(probe_score(cli.model, prompts, probe_clips) or {})
     result["wall_s"] = round(time.perf_counter() - started, 2)
     temporary = run_dir / (DONE_MARKER + ".tmp")
     temporary.write_text(json.dumps(result, indent=2))
