@@ -119,11 +119,14 @@ def test_given_frames_warning_names_the_prompt_row(tmp_path, monkeypatch, caplog
     assert [r["task"] for r in index_rows(tmp_path / "run" / "samples")] == ["text_to_video", "extend_forward"]
 
 
-def test_real_clips_config_predicts_without_a_manifest_and_fit_names_it(tmp_path, monkeypatch, capsys) -> None:
+def test_real_clips_config_predicts_without_a_manifest_and_fit_names_it(tmp_path, monkeypatch, capsys,
+                                                                       caplog) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["predict", "-c", str(REAL_CLIPS), "--trainer.default_root_dir=real", "--trainer.logger=false",
-                 "--data.init_args.prompts.frames=1", *ONE_PROMPT, *QUIET]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["predict", "-c", str(REAL_CLIPS), "--trainer.default_root_dir=real", "--trainer.logger=false",
+                     "--data.init_args.prompts.frames=1", *ONE_PROMPT, *QUIET]) == 0
     assert len(index_rows(tmp_path / "real" / "samples")) == 1
+    assert "predict without --ckpt_path: running the weights the config builds" in caplog.text
     capsys.readouterr()
     assert main(["fit", "-c", str(REAL_CLIPS), "--trainer.fast_dev_run=true", "--trainer.logger=false", *QUIET]) == 2
     err = capsys.readouterr().err

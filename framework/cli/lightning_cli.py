@@ -115,6 +115,9 @@ class KinetoscopeCLI(LightningCLI):
     def _check_checkpoint(self) -> None:
         """``--ckpt_path last`` with no checkpoint is an error unless ``--allow_untrained=true``."""
         config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") is None and not config.get("allow_untrained"):
+            log.warning("%s without --ckpt_path: running the weights the config builds (untrained, unless its plugins "
+                        "load pretrained weights); --ckpt_path last runs the trained checkpoint", self.subcommand)
         if config.get("ckpt_path") != "last" or last_checkpoints(self.trainer):
             return
         folders = last_checkpoint_folders(self.trainer) or ["nowhere: trainer.callbacks has no ModelCheckpoint"]
