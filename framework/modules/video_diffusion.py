@@ -22,6 +22,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from framework.training.compilation import CompileMode, compile_in_place
+from framework.training.finetune import FineTuning, complete_checkpoint, prune_checkpoint
 from framework.data.prompts import PromptRequest
 from framework.generation.frame_conditioning import (
     FrameCondition,
@@ -116,6 +118,7 @@ class VideoDiffusion(L.LightningModule):
         compile_denoiser: bool = False,
         compile_mode: CompileMode = "default",
         fused_optimizer: bool = False,
+        finetuning: FineTuning | None = None,
     ) -> None:
         """``cosine_decay`` anneals the learning rate to ``min_lr_ratio`` of its peak by the end of training
         (``trainer.max_steps``); ``ema_decay`` > 0 keeps an exponential moving average of the denoiser and
@@ -123,7 +126,9 @@ class VideoDiffusion(L.LightningModule):
         ``frame_conditioning`` trains with given clean frames drawn by these mask strategies (docs/conditioning.md).
         ``compile_denoiser`` runs the denoiser (and its EMA copy) through ``torch.compile`` with ``compile_mode`` for
         training and sampling, compiled once for any packed layout (``framework.training.compilation``);
-        ``fused_optimizer`` uses AdamW's fused kernel (``fused=True``: one kernel for all parameters, CPU and GPU)."""
+        ``fused_optimizer`` uses AdamW's fused kernel (``fused=True``: one kernel for all parameters, CPU and GPU).
+        ``finetuning`` trains a pretrained model: LoRA adapters or a full fine-tune with parts frozen; checkpoints
+        then hold only the trained weights (``framework.training.finetune``, docs/pretrained.md)."""
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"VideoDiffusion: learning_rate must be > 0, got {learning_rate}")
@@ -141,7 +146,7 @@ class VideoDiffusion(L.LightningModule):
         # ``load_from_checkpoint`` re-instantiates; built directly in Python, the plugin objects themselves are left
         # out, because pickling modules into a checkpoint would make loading execute code.
         built_by_cli = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if built_by_cli else list(PLUGIN_ARGUMENTS))
+        self.save_hyperparameters(ignore=None if built_by_cli else [*PLUGIN_ARGUMENTS, "finetuning"])
         self.compressor, self.patcher, self.denoiser = compressor, patcher, denoiser
         self.conditioner, self.sampler = conditioner, sampler
         self.compressor.requires_grad_(False)
@@ -154,6 +159,9 @@ class VideoDiffusion(L.LightningModule):
             channel_dim = patcher.token_dim(compressor.latent_channels + 1) if frame_conditioning.channels else None
             self.frame_embedding = FrameConditionEmbedding(token_dim, channel_dim)
         self._prediction_errors: list[str] = []
+        self.finetuning = finetuning
+        if finetuning is not None:  # before the EMA copy, so it copies the adapted model
+            finetuning.apply(self.trained_modules())
         self.ema = (
             AveragedModel(self.trained_modules(), multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             .requires_grad_(False)
@@ -231,6 +239,21 @@ class VideoDiffusion(L.LightningModule):
         """Fold the current weights into the exponential moving average (no-op without ``ema_decay``)."""
         if self.ema is not None:
             self.ema.update_parameters(self.trained_modules())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.finetuning is not None:  # the frozen base is rebuilt from its source on load
+            prune_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.finetuning is not None:
+            complete_checkpoint(self, checkpoint)
+
+    def on_train_end(self) -> None:
+        """A fine-tune leaves its adapters where other tools read them: ``<default_root_dir>/lora/`` (LoRA)."""
+        if self.finetuning is not None and self.trainer.is_global_zero:
+            written = self.finetuning.export(self.sampling_modules()[0], Path(self.trainer.default_root_dir) / "lora")
+            if written is not None:
+                log.info("fine-tuned adapters written to %s", written)
 
     def trained_modules(self) -> nn.ModuleDict:
         """The modules the optimizer trains and EMA averages (the compressor is frozen, the rest hold no weights)."""
@@ -447,8 +470,12 @@ class VideoDiffusion(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._prediction_errors = []
+        if self.finetuning is not None:  # merged adapters: one matmul per adapted layer while sampling
+            self.finetuning.merge(self.sampling_modules()[0])
 
     def on_predict_end(self) -> None:
+        if self.finetuning is not None:
+            self.finetuning.unmerge(self.sampling_modules()[0])
         if self._prediction_errors:
             raise PromptRowsFailed(
                 f"{len(self._prediction_errors)} prompt row(s) failed (the other outputs are written):\n  "
