@@ -89,7 +89,8 @@ class LoRA(FineTuning):
         equals it or ends with ``.<name>`` (``qkv`` matches ``blocks.0.attn.qkv``; ``attn1.to_q`` only the
         self-attention queries of a Wan block); each must match at least one ``nn.Linear``. ``alpha`` scales the
         update by ``alpha / rank`` (default: ``rank``, a scale of 1). ``dropout`` drops adapter inputs in training.
-        ``merge_for_sampling`` folds the adapters into the weights for ``predict``."""
+        ``merge_for_sampling`` folds the adapters into the weights for ``predict``. ``base_weights``: a Kinetoscope
+        checkpoint or its ``.safetensors`` export to start from (null: the denoiser loads its own pretrained folder)."""
         super().__init__(base_weights)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"LoRA: rank must be an integer > 0, got {rank!r}")
@@ -151,9 +152,10 @@ class FullFineTuning(FineTuning):
     """Every weight of the trained modules trains except those matching ``freeze``."""
 
     def __init__(self, freeze: list[str] | None = None, base_weights: str | None = None) -> None:
-        """``freeze``: ``fnmatch`` patterns over parameter names as in the checkpoint's state dict without the
-        leading module, e.g. ``conditioner.*`` (the text encoder), ``denoiser.blocks.0.*`` (the first block),
-        ``denoiser.*.norm*``; each must match at least one parameter."""
+        """``freeze``: ``fnmatch`` patterns over the trained parameters' names (their checkpoint keys), e.g.
+        ``conditioner.*`` (the text encoder), ``denoiser.blocks.0.*`` (the first block), ``denoiser.*norm*``; each
+        must match at least one parameter. ``base_weights``: a Kinetoscope checkpoint or its ``.safetensors`` export
+        to start from (null: the plugins load their own pretrained folders)."""
         super().__init__(base_weights)
         self.freeze = list(freeze or [])
 
