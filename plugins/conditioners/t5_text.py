@@ -29,6 +29,7 @@ from torch import Tensor
 
 from framework.core.interfaces import Conditioner, Conditioning
 from plugins.conditioners.hf_text import _load_encoder
+from plugins.diffusers_folders import component_folder
 
 
 def clean_prompt(text: str) -> str:
@@ -47,21 +48,21 @@ def clean_prompt(text: str) -> str:
 class T5TextConditioner(Conditioner):
     """Frozen local T5 / UMT5 encoder with a video pipeline's exact prompt encoding (defaults: Wan's)."""
 
-    def __init__(self, encoder_dir: Path, tokenizer_dir: Path | None = None, max_length: int = 512,
-                 encoder_mask: bool = True, zero_padding: bool = True, clean_prompts: bool = True,
-                 caption_dropout: float = 0.0) -> None:
-        """``encoder_dir`` holds the transformers encoder (a pipeline's ``text_encoder`` folder), ``tokenizer_dir``
-        the tokenizer (a pipeline's ``tokenizer`` folder; default: ``encoder_dir``). ``encoder_mask`` passes the
-        attention mask to the encoder; ``zero_padding`` zeroes the features beyond each prompt's tokens;
-        ``clean_prompts`` applies Wan's prompt cleaning. ``caption_dropout`` (training only) replaces captions by ""
-        -- the null condition guidance uses."""
+    def __init__(self, path: Path, encoder_subfolder: str | None = "text_encoder",
+                 tokenizer_subfolder: str | None = "tokenizer", max_length: int = 512, encoder_mask: bool = True,
+                 zero_padding: bool = True, clean_prompts: bool = True, caption_dropout: float = 0.0) -> None:
+        """``path`` is a pipeline folder with the transformers encoder in ``encoder_subfolder`` and the tokenizer in
+        ``tokenizer_subfolder`` (``null``: in ``path`` itself). ``encoder_mask`` passes the attention mask to the
+        encoder; ``zero_padding`` zeroes the features beyond each prompt's tokens; ``clean_prompts`` applies Wan's
+        prompt cleaning. ``caption_dropout`` (training only) replaces captions by "" -- the null condition guidance
+        uses."""
         super().__init__()
         if max_length < 2:
             raise ValueError(f"T5TextConditioner: max_length must be >= 2, got {max_length}")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"T5TextConditioner: caption_dropout must be in [0, 1], got {caption_dropout}")
-        self.encoder_dir = Path(encoder_dir).expanduser()
-        self.tokenizer_dir = Path(tokenizer_dir).expanduser() if tokenizer_dir is not None else self.encoder_dir
+        self.encoder_dir = component_folder(path, encoder_subfolder)
+        self.tokenizer_dir = component_folder(path, tokenizer_subfolder)
         for folder, what in ((self.encoder_dir, "config.json"), (self.tokenizer_dir, "tokenizer_config.json")):
             if not (folder / what).is_file():
                 raise FileNotFoundError(f"T5TextConditioner: {str(folder)!r} is not a transformers "
