@@ -206,12 +206,13 @@ def test_checkpoint_holds_only_the_adapters_and_loads_back_exactly(base_weights)
 diffusers = pytest.importorskip("diffusers", reason="optional extra: pip install 'kinetoscope[diffusers]'")
 
 
-class WanHolder(nn.Module):
-    """Stands in for a denoiser adapter that holds a diffusers transformer (the Wan denoiser plugin's layout)."""
+def wan_denoiser(path):
+    """Our Wan denoiser plugin on a tiny random transformer folder (with Wan's zero-initialised parts randomised,
+    which would make every comparison trivial)."""
+    from plugins.denoisers.diffusers_transformer import DiffusersVideoTransformer
 
-    def __init__(self, transformer: nn.Module) -> None:
-        super().__init__()
-        self.transformer = transformer
+    tiny_wan(path)
+    return DiffusersVideoTransformer(path, subfolder=None).eval()
 
 
 def tiny_wan(path) -> nn.Module:
@@ -234,10 +235,11 @@ def wan_inputs() -> dict:
 
 
 def test_saved_adapter_loads_into_the_diffusers_pipeline_with_the_same_output(tmp_path) -> None:
-    """Our LoRA on a WanTransformer3DModel, exported, then ``WanPipeline.load_lora_weights`` on a fresh copy of the
-    base: the pipeline's transformer gives our adapted transformer's output."""
+    """Our LoRA on the Wan denoiser plugin, exported, then ``WanPipeline.load_lora_weights`` on a fresh copy of the
+    base: the pipeline's transformer gives our adapted transformer's output (tests/test_finetune_wan.py does the
+    same after a ``kinetoscope fit``)."""
     base_dir = tmp_path / "transformer"
-    holder = WanHolder(tiny_wan(base_dir))
+    holder = wan_denoiser(base_dir)
     lora = LoRA(["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "ffn.net.2"],
                 rank=4, alpha=2.0)
     lora.apply(nn.ModuleDict({"denoiser": holder}))
@@ -261,7 +263,7 @@ def test_saved_adapter_loads_into_the_diffusers_pipeline_with_the_same_output(tm
 
 
 def test_zero_adapter_and_only_adapter_gradients_on_a_diffusers_transformer(tmp_path) -> None:
-    holder = WanHolder(tiny_wan(tmp_path / "t"))
+    holder = wan_denoiser(tmp_path / "t")
     with torch.no_grad():
         before = holder.transformer(**wan_inputs())[0]
     lora = LoRA(["to_q", "to_k", "to_v"], rank=2)

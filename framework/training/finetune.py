@@ -10,7 +10,7 @@ The base weights come from the denoiser plugin itself (a diffusers folder it loa
 Kinetoscope checkpoint (``.ckpt`` or its ``.safetensors`` export) of a model of the same configuration.
 
 What the checkpoints hold: only what is trained (the trainable parameters, their EMA copies, the optimizer state of
-those) plus the module's buffers, and a fingerprint of the frozen weights. Loading one (resume with ``--ckpt_path``,
+those) and a fingerprint of the frozen weights and buffers. Loading one (resume with ``--ckpt_path``,
 ``predict``, ``load_from_checkpoint``) fills the frozen weights from the freshly built model and refuses a model
 whose frozen weights differ from those the checkpoint was trained against, so a resume is exact or fails loudly.
 
@@ -192,30 +192,38 @@ def load_base_weights(modules: nn.ModuleDict, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def frozen_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """``module``'s frozen parameters by state-dict key, without the copies inside an ``AveragedModel`` (EMA)."""
-    averaged = [name + "." for name, m in module.named_modules() if isinstance(m, AveragedModel)]
-    return {name: p for name, p in module.named_parameters()
-            if not p.requires_grad and not any(name.startswith(prefix) for prefix in averaged)}
+def _averaged_prefixes(module: nn.Module) -> list[str]:
+    """State-dict prefixes of the EMA ``AveragedModel``s inside ``module``."""
+    return [name + "." for name, m in module.named_modules() if isinstance(m, AveragedModel) and name]
+
+
+def frozen_state(module: nn.Module) -> dict[str, Tensor]:
+    """``module``'s state that training does not change, by state-dict key: frozen parameters (every alias of a
+    tied one) and buffers, outside its EMA copies."""
+    averaged = _averaged_prefixes(module)
+    return {key: value for key, value in module.state_dict(keep_vars=True).items()
+            if not (isinstance(value, nn.Parameter) and value.requires_grad)
+            and not any(key.startswith(prefix) for prefix in averaged)}
 
 
 def frozen_fingerprint(module: nn.Module) -> str:
-    """A digest of the frozen parameters (names, shapes, dtypes and the values at both ends of each), cheap enough
-    for a 14B model, that tells a different base (another folder, another random initialisation) apart."""
+    """A digest of the frozen state (names, shapes, dtypes and the values at both ends of each tensor), cheap enough
+    for a 14B model, that tells a different base (another folder, another random initialisation) apart; buffers are
+    in it, so one that training changed (BatchNorm statistics) makes a resume fail instead of silently differ."""
     digest = hashlib.sha256()
-    for name, p in frozen_parameters(module).items():
-        flat = p.detach().reshape(-1)
+    for name, value in frozen_state(module).items():
+        flat = value.detach().reshape(-1)
         ends = torch.cat([flat[:_FINGERPRINT_ELEMENTS], flat[-_FINGERPRINT_ELEMENTS:]]).cpu().contiguous()
-        digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}".encode())
+        digest.update(f"{name}|{tuple(value.shape)}|{value.dtype}".encode())
         digest.update(ends.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 def frozen_state_keys(module: nn.Module) -> set[str]:
-    """State-dict keys of ``module``'s frozen parameters and of their copies in its EMA ``AveragedModel``s."""
-    frozen = set(frozen_parameters(module))
-    averaged = [name for name, m in module.named_modules() if isinstance(m, AveragedModel)]
-    return frozen | {f"{prefix}.module.{name}" for prefix in averaged for name in frozen}
+    """State-dict keys of ``frozen_state`` and of their copies in ``module``'s EMA ``AveragedModel``s (the EMA's
+    own ``n_averaged`` stays)."""
+    frozen = set(frozen_state(module))
+    return frozen | {f"{prefix}module.{key}" for prefix in _averaged_prefixes(module) for key in frozen}
 
 
 def prune_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
