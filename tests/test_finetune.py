@@ -216,11 +216,10 @@ def wan_denoiser(path):
 
 
 def tiny_wan(path) -> nn.Module:
+    from tests.pretrained_fixtures import tiny_wan_transformer
+
     torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=12, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
-    )
+    model = tiny_wan_transformer(in_channels=4, text_dim=16)
     with torch.no_grad():  # Wan's zero-initialised parts would make the comparison trivial
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -231,7 +230,7 @@ def tiny_wan(path) -> nn.Module:
 def wan_inputs() -> dict:
     g = torch.Generator().manual_seed(0)
     return {"hidden_states": torch.randn(1, 4, 3, 8, 8, generator=g), "timestep": torch.tensor([700.0]),
-            "encoder_hidden_states": torch.randn(1, 5, 12, generator=g), "return_dict": False}
+            "encoder_hidden_states": torch.randn(1, 5, 16, generator=g), "return_dict": False}
 
 
 def test_saved_adapter_loads_into_the_diffusers_pipeline_with_the_same_output(tmp_path) -> None:
