@@ -10,7 +10,7 @@ transformer (CPU), on identical inputs.
 
 Both see the same latents, text features and timesteps and run the same model FLOPs per step (counted with
 ``framework.training.flop_count`` and reported, not assumed). Each configuration runs in its own process (peak
-memory is per process), ``--rounds`` times, the processes interleaved (ours, theirs, ours, ...) so drift in the
+memory is per process; the FLOPs are counted after the timed steps), ``--rounds`` times, the processes interleaved (ours, theirs, ours, ...) so drift in the
 shared machine's load hits both; the JSON holds every round, the median and the spread.
 
 Memory on CPU: ``training_mb`` is the process's peak resident set (``ru_maxrss``) minus its resident set just before
@@ -151,8 +151,6 @@ def worker(args: argparse.Namespace) -> dict:
     impl, mode = args.worker
     data = inputs(args)
     loss, optimizer, trainable = (ours_step if impl == "ours" else diffusers_step)(args, mode, data)
-    flops = count_flops(lambda: loss().backward())  # forward + backward of one step (grads dropped below)
-    optimizer.zero_grad(set_to_none=True)
     before = rss_mb()
 
     def step() -> None:
@@ -167,6 +165,7 @@ def worker(args: argparse.Namespace) -> dict:
         step()
     seconds = (time.perf_counter() - start) / args.steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    flops = count_flops(lambda: loss().backward())  # forward + backward of one step, after the peak is read
     tokens = args.batch * args.frames * (args.size // 2) ** 2  # the transformer's (1, 2, 2) patches
     return {"impl": impl, "mode": mode, "step_s": seconds, "tokens_per_s": tokens / seconds,
             "tokens_per_step": tokens, "flops_per_step": flops, "trainable_parameters": trainable,
