@@ -6,6 +6,7 @@ denoiser. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +35,9 @@ TINY = [  # 5-frame 32x32 clips (Wan's VAE: 1 + 4k frames, 8x space), a short te
     "--model.init_args.conditioner.init_args.max_length=16", "--model.init_args.learning_rate=1e-2",
     "--model.init_args.warmup_steps=0", "--trainer.max_steps=3", "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false", "--trainer.logger=false",
+    # predict with --ckpt_path FILE takes the model's arguments from the checkpoint's hyperparameters over the
+    # command line (LightningCLI._parse_ckpt_path), so the sampling settings are fixed at fit time
+    "--model.init_args.sampling_steps=3",
 ]
 
 
@@ -97,3 +101,36 @@ def test_the_exported_adapter_loads_into_wan_pipeline_with_the_same_transformer_
     assert (theirs - base).abs().max() > 1e-4  # the trained adapter changes the output
     # Same weights and ops on both sides (peft LoRA layers in the same diffusers model): float32 regrouping only.
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5 * theirs.abs().max().item())
+
+
+def test_predict_with_the_fine_tune_equals_wan_pipeline_with_the_adapter(fitted) -> None:
+    """``kinetoscope predict`` from the LoRA checkpoint (base from the folder, adapters merged) writes the video
+    ``WanPipeline`` makes after ``load_lora_weights`` of the exported file, for the same noise, steps and guidance."""
+    from safetensors.torch import load_file
+
+    caption, negative, (frames, height, width), steps, scale, seed = "a red square moving left", "blurry static", \
+        (5, 16, 32), 3, 5.0, 7  # steps: TINY; guidance: the config's
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(fitted)
+        mp.setattr(sys, "argv", ["kinetoscope"])
+        main(["predict", "-c", str(CONFIG), *TINY, "--ckpt_path", "runs/wan_lora/checkpoints/last.ckpt",
+              f"--data.init_args.prompts.captions=[{caption}]", f"--data.init_args.prompts.negative_prompt={negative}",
+              f"--data.init_args.prompts.frames={frames}", f"--data.init_args.prompts.height={height}",
+              f"--data.init_args.prompts.width={width}", f"--data.init_args.prompts.seed={seed}"])
+    index = fitted / "runs" / "wan_lora" / "samples" / "index.jsonl"
+    [row] = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    [name] = [f for f in row["files"] if f.endswith(".safetensors")]
+    ours = load_file(str(index.parent / name))["video"]  # [3, T, H, W] in [-1, 1], lossless
+
+    pipe = diffusers.WanPipeline.from_pretrained(str(fitted / FOLDER))
+    pipe.load_lora_weights(str(fitted / "runs" / "wan_lora" / "lora"), weight_name=DIFFUSERS_LORA_FILE)
+    noise = torch.randn(4, 2, 2, 4, generator=torch.Generator().manual_seed(seed))  # what predict draws for the seed
+    theirs = pipe(caption, negative_prompt=negative, height=height, width=width, num_frames=frames,
+                  num_inference_steps=steps, guidance_scale=scale, latents=noise[None], max_sequence_length=16,
+                  output_type="pt").frames[0]
+    theirs = theirs.permute(1, 0, 2, 3) * 2 - 1  # [T, 3, H, W] in [0, 1] -> [3, T, H, W] in [-1, 1]
+    assert ours.shape == theirs.shape == (3, frames, height, width)
+    # fp32 on CPU; merged (ours) vs unmerged (peft in the pipeline) adapters and reordered reductions: rounding
+    # only, the issue's 1e-4 bound for whole videos as in tests/test_pretrained_models.py.
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert ours.std() > 0.01
