@@ -283,3 +283,24 @@ def test_export_of_our_dit_uses_its_module_paths(base_weights, tmp_path) -> None
         assert sorted(f.keys()) == [f"transformer.blocks.{i}.attn.qkv.lora_{ab}.weight" for i in (0, 1)
                                     for ab in "AB"]
         assert f.get_tensor("transformer.blocks.0.attn.qkv.lora_A.weight").shape == (2, 32)
+
+
+def test_activation_checkpointing_of_a_diffusers_transformer_gives_the_same_loss_and_gradients(tmp_path) -> None:
+    """The Wan denoiser plugin's ``gradient_checkpointing`` (diffusers' per-block checkpointing) with LoRA inside."""
+    from plugins.denoisers.diffusers_transformer import DiffusersVideoTransformer
+
+    tiny_wan(tmp_path / "t")
+    results = []
+    for checkpointing in (False, True):
+        denoiser = DiffusersVideoTransformer(tmp_path / "t", subfolder=None, gradient_checkpointing=checkpointing)
+        LoRA(["to_q", "to_v", "ffn.net.2"], rank=2).apply(nn.ModuleDict({"denoiser": denoiser}))
+        randomise_adapters(denoiser)
+        denoiser.train()
+        out = denoiser.transformer(**wan_inputs())[0]
+        loss = out.square().mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in denoiser.named_parameters() if p.requires_grad}))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], rtol=1e-5, atol=1e-7, msg=name)
