@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
 
+from framework.core.errors import UsageError
 from framework.data.buckets import (
     Bucket,
     BucketConfig,
@@ -23,11 +25,15 @@ from framework.data.manifest import (
     ManifestVideoDataset,
     SkippedSamples,
     SkippedSamplesReport,
+    empty_captions_message,
     read_manifest,
 )
 from framework.data.prompts import PromptDataset, Prompts, collate_prompts, load_prompt_requests
 from framework.data.resumable import ResumableDataLoader
 from framework.data.synthetic import SyntheticMovingShapes
+from framework.data.video_io import decoding_worker_context
+
+log = logging.getLogger("kinetoscope.data")
 
 
 def collate_videos(samples: list[dict]) -> dict:
@@ -128,11 +134,12 @@ class ManifestVideoDataModule(GenerationDataModule):
     (``batching: packed``). ``geometry`` must match the model's compressor factors and patch size. Under DDP set
     ``trainer.use_distributed_sampler=false``: the batch samplers give each rank distinct batches themselves.
     Skipped files are reported at every epoch end by ``SkippedSamplesReport`` (added to the trainer if missing).
+    ``manifest`` is needed to train; ``predict`` only generates ``prompts`` and runs without one.
     """
 
     def __init__(
         self,
-        manifest: Path,
+        manifest: Path | None = None,  # required to train; predict only needs the prompts
         buckets: BucketConfig | None = None,
         geometry: TokenGeometry | None = None,
         tokens_per_batch: int = 4096,
@@ -147,7 +154,7 @@ class ManifestVideoDataModule(GenerationDataModule):
         super().__init__(prompts)
         if tokens_per_batch < 1:
             raise ValueError(f"ManifestVideoDataModule: tokens_per_batch must be >= 1, got {tokens_per_batch}")
-        self.manifest = Path(manifest)
+        self.manifest = Path(manifest) if manifest is not None else None
         self.grid = BucketGrid(buckets or BucketConfig())
         self.geometry = geometry or TokenGeometry()
         self.bucket_tokens = {b: self.geometry.tokens(b) for b in self.grid.buckets}  # validates every bucket size
@@ -160,6 +167,9 @@ class ManifestVideoDataModule(GenerationDataModule):
     def dataset(self) -> ManifestVideoDataset:
         """Built on first use (probing files without metadata), not when a config is parsed."""
         if self._dataset is None:
+            if self.manifest is None:
+                raise UsageError("ManifestVideoDataModule: no manifest given; training needs one: "
+                                 "--data.init_args.manifest=PATH (make it with `kinetoscope scan DIR -o DIR/manifest.csv`)")
             bad_rows = SkippedSamples()  # rows that cannot be parsed are skipped and reported like bad files
             self._dataset = ManifestVideoDataset(read_manifest(self.manifest, bad_rows), self.grid, self.clip)
             self._dataset.skipped.entries.update(bad_rows.entries)
@@ -177,6 +187,9 @@ class ManifestVideoDataModule(GenerationDataModule):
         if stage != "fit" or self.trainer is None:
             return
         self.dataset  # noqa: B018  (build now, so bad manifests fail before training starts)
+        message = empty_captions_message(f"manifest {self.manifest}", [s.row.captions for s in self.dataset.samples])
+        if message:
+            log.warning(message)
         if not any(isinstance(cb, SkippedSamplesReport) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(SkippedSamplesReport())
 
@@ -206,4 +219,6 @@ class ManifestVideoDataModule(GenerationDataModule):
             collate_fn=collate_manifest,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # workers decode video: never fork them from a process whose decoder threads they cannot inherit
+            multiprocessing_context=decoding_worker_context() if self.num_workers > 0 else None,
         )

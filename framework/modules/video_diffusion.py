@@ -327,6 +327,7 @@ class VideoDiffusion(L.LightningModule):
         sdedits: list[SDEdit | None] | None = None,
         fps: list[float | None] | None = None,
         original_sizes: list[tuple[int, int] | None] | None = None,
+        sample_names: list[str] | None = None,
     ) -> list[Tensor]:
         """Sample one video per caption at its (frames, height, width) -> list of [3, T, H, W] in [-1, 1] (CPU).
 
@@ -335,7 +336,8 @@ class VideoDiffusion(L.LightningModule):
         ``frame_conditions`` gives clean latent frames per sample, kept exactly in the output latent;
         ``sdedits`` starts a sample from a noised latent (all in one call must share the strength). ``fps`` and
         ``original_sizes`` (height, width) are the micro-conditions a denoiser configured with them gets (None: the
-        model's ``output_fps``, or STILL_IMAGE_FPS for one frame, and the requested size)."""
+        model's ``output_fps``, or STILL_IMAGE_FPS for one frame, and the requested size). ``sample_names`` (e.g.
+        the prompt rows, ``prompts.jsonl:3``) name the samples in warnings; default: their positions."""
         if not captions:
             raise ValueError("generate: the caption list is empty")
         if not len(captions) == len(sizes) == len(seeds):
@@ -358,7 +360,8 @@ class VideoDiffusion(L.LightningModule):
             noise_latents.append(torch.randn(self.compressor.latent_channels, *shape, generator=generator))
         micro = self._generation_micro_conditions(sizes, fps, original_sizes)
         noise = self.patcher.patchify([n.to(self.device) for n in noise_latents])
-        given, given_clean, channels = self._given_tokens(frame_conditions, noise_latents)
+        names = sample_names or [f"sample {i}" for i in range(len(captions))]
+        given, given_clean, channels = self._given_tokens(frame_conditions, noise_latents, names)
         start_kwargs = self._sdedit_start(sdedits, noise_latents)
         denoiser, conditioner = self.sampling_modules()
         was_training = self.training
@@ -403,7 +406,7 @@ class VideoDiffusion(L.LightningModule):
         return MicroConditions.build(rates, originals, self.device)
 
     def _given_tokens(
-        self, frame_conditions: list[FrameCondition | None] | None, noise_latents: list[Tensor]
+        self, frame_conditions: list[FrameCondition | None] | None, noise_latents: list[Tensor], names: list[str]
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(given [N] bool, clean tokens [N, D], projected given-frame channels [N, D] or None) for the frame
         conditions, or (None, None, None) without any."""
@@ -423,10 +426,10 @@ class VideoDiffusion(L.LightningModule):
         channels = self.given_channels(self.sampling_frame_embedding(), latents, masks)
         # A token is given only when all its latent frames are; without channels the others are generated anew.
         dropped = {} if channels is not None else {
-            i: n for i, n in enumerate(ungiven_frames(self.patcher, shapes, masks)) if n}
+            names[i]: n for i, n in enumerate(ungiven_frames(self.patcher, shapes, masks)) if n}
         if dropped:
             log.warning("generate: given latent frames that share a token with frames to generate are generated, not "
-                        "kept (give whole tokens: a multiple of the patcher's frames); {sample: frames}: %s", dropped)
+                        "kept (give whole tokens: a multiple of the patcher's frames); {prompt: frames}: %s", dropped)
         given = token_mask(self.patcher, shapes, masks).to(self.device)
         return given, clean.tokens, channels
 
@@ -459,7 +462,7 @@ class VideoDiffusion(L.LightningModule):
                     [r.caption], [(r.frames, r.height, r.width)], [r.seed],
                     guidance_scale=r.guidance, negative_prompts=[r.negative_prompt],
                     frame_conditions=[inputs.frame_condition], sdedits=[inputs.sdedit],
-                    fps=[r.fps], original_sizes=[r.original_size],
+                    fps=[r.fps], original_sizes=[r.original_size], sample_names=[f"row {r.source or r.index}"],
                 )
                 results.append(GeneratedVideo(r, video, output_fps))
             except ValueError as err:
