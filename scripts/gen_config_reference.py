@@ -30,6 +30,8 @@ from framework.core.registry import PLUGIN_KINDS, PluginRegistry, _type_name  # 
 NON_PLUGIN_CLASSES = [
     ("model", "framework.modules.VideoDiffusion"),
     ("model", "framework.modules.compressor_training.CompressorTraining"),
+    ("model.init_args.finetuning", "framework.training.finetune.LoRA"),
+    ("model.init_args.finetuning", "framework.training.finetune.FullFineTuning"),
     ("data", "framework.data.datamodules.SyntheticVideoDataModule"),
     ("data", "framework.data.datamodules.ManifestVideoDataModule"),
     ("data", "framework.data.latent_cache.CachedLatentDataModule"),

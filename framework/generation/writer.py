@@ -11,9 +11,22 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from framework.data.video_io import write_frame_grid, write_video
 
 
+def write_tensor(path: Path, video, fps: float) -> Path:
+    """The float video [3, T, H, W] as a safetensors file (written to a temporary name, then moved into place)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"video": video.float().contiguous()}, str(tmp), metadata={"fps": repr(float(fps))})
+    tmp.replace(path)
+    return path
+
+
 class VideoWriter(BasePredictionWriter):
     """Writes each generated video as MP4 (H.264) and/or GIF, a PNG frame grid, and an ``index.jsonl`` line (the
     prompt row's index, caption, task, size, seed, fps and files; a failed row's error instead of files).
+
+    ``safetensors`` in ``formats`` also writes the decoded video losslessly (``{"video": float32 [3, T, H, W] in
+    [-1, 1]}``, fps in the metadata): the exact output, for comparisons such as parity with a reference pipeline.
 
     Through ``kinetoscope``, a relative ``output_dir`` lies under ``trainer.default_root_dir``
     (``framework/cli/run_paths.py``)."""
@@ -23,7 +36,7 @@ class VideoWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.formats = list(formats) if formats is not None else ["mp4", "gif"]
-        valid = {"mp4", "gif"}
+        valid = {"mp4", "gif", "safetensors"}
         if unknown := [f for f in self.formats if f not in valid]:
             raise ValueError(f"VideoWriter: unknown formats {unknown}; valid choices: {sorted(valid)}")
         if upscale < 1:
@@ -42,7 +55,8 @@ class VideoWriter(BasePredictionWriter):
                     index.write(json.dumps({"index": r.index, "caption": r.caption, "task": r.task.value,
                                             "error": item.error}) + "\n")
                     continue
-                files = [write_video(self.output_dir / f"{r.name}.{fmt}", item.video, item.fps, self.upscale)
+                files = [write_tensor(self.output_dir / f"{r.name}.{fmt}", item.video, item.fps) if fmt == "safetensors"
+                         else write_video(self.output_dir / f"{r.name}.{fmt}", item.video, item.fps, self.upscale)
                          for fmt in self.formats]
                 if self.frame_grid:
                     files.append(write_frame_grid(self.output_dir / f"{r.name}.png", item.video, self.upscale))

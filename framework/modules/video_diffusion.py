@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -41,6 +42,7 @@ from framework.generation.frame_conditioning import (
 from framework.generation.pipeline import GeneratedVideo, GenerationPipeline
 from framework.layers.packing import PackedSequence
 from framework.training.compilation import CompileMode, compile_in_place
+from framework.training.finetune import FineTuning, complete_checkpoint, prune_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class VideoDiffusion(L.LightningModule):
         compile_mode: CompileMode = "default",
         fused_optimizer: bool = False,
         ema_decay: float | None = None,
+        finetuning: FineTuning | None = None,
     ) -> None:
         """``cosine_decay`` anneals the learning rate to ``min_lr_ratio`` of its peak by the end of training
         (``trainer.max_steps``). An exponential moving average of the weights is kept by
@@ -84,7 +87,9 @@ class VideoDiffusion(L.LightningModule):
         training and sampling, compiled once for any packed layout (``framework.training.compilation``);
         ``fused_optimizer`` uses AdamW's fused kernel (``fused=True``: one kernel for all parameters, CPU and GPU).
         ``ema_decay`` is accepted only so that configs and checkpoints from before EMACallback still load: it has
-        no effect (a warning says where the EMA went)."""
+        no effect (a warning says where the EMA went). ``finetuning`` trains a pretrained model: LoRA adapters or a
+        full fine-tune with parts frozen; checkpoints then hold only the trained weights
+        (``framework.training.finetune``, docs/pretrained.md)."""
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"VideoDiffusion: learning_rate must be > 0, got {learning_rate}")
@@ -104,7 +109,7 @@ class VideoDiffusion(L.LightningModule):
         # ``load_from_checkpoint`` re-instantiates; built directly in Python, the plugin objects themselves are left
         # out, because pickling modules into a checkpoint would make loading execute code.
         built_by_cli = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if built_by_cli else list(PLUGIN_ARGUMENTS))
+        self.save_hyperparameters(ignore=None if built_by_cli else [*PLUGIN_ARGUMENTS, "finetuning"])
         self.compressor, self.patcher, self.denoiser = compressor, patcher, denoiser
         self.conditioner, self.sampler = conditioner, sampler
         self.compressor.requires_grad_(False)
@@ -117,6 +122,9 @@ class VideoDiffusion(L.LightningModule):
             channel_dim = patcher.token_dim(compressor.latent_channels + 1) if frame_conditioning.channels else None
             self.frame_embedding = FrameConditionEmbedding(token_dim, channel_dim)
         self._prediction_errors: list[str] = []
+        self.finetuning = finetuning
+        if finetuning is not None:
+            finetuning.apply(self.trained_modules())
         if compile_denoiser:
             compile_in_place(self.denoiser, compile_mode)
 
@@ -176,6 +184,17 @@ class VideoDiffusion(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.finetuning is not None:  # the frozen base is rebuilt from its source on load
+            prune_checkpoint(self, checkpoint)
+
+    def on_train_end(self) -> None:
+        """A fine-tune leaves its adapters where other tools read them: ``<default_root_dir>/lora/`` (LoRA)."""
+        if self.finetuning is not None and self.trainer.is_global_zero:
+            written = self.finetuning.export(self.denoiser, Path(self.trainer.default_root_dir) / "lora")
+            if written is not None:
+                log.info("fine-tuned adapters written to %s", written)
+
     def trained_modules(self) -> nn.ModuleDict:
         """The modules the optimizer trains (the compressor is frozen, the rest hold no weights)."""
         modules = {"denoiser": self.denoiser, "conditioner": self.conditioner}
@@ -229,7 +248,10 @@ class VideoDiffusion(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Checkpoints written while VideoDiffusion kept its own average (``ema_decay``) hold it as ``ema.module.*``
         in the state dict: move it into ``EMACallback``'s state, so that callback resumes from it and predicts with it
-        (the trained parameters only, as the callback averages them)."""
+        (the trained parameters only, as the callback averages them). A fine-tune's checkpoint lacks the frozen base:
+        it is filled from this model, after checking it is the base the run was trained against."""
+        if self.finetuning is not None:
+            complete_checkpoint(self, checkpoint)
         state = checkpoint.get("state_dict", {})
         old = [key for key in state if key.startswith("ema.")]
         if not old:
@@ -244,6 +266,16 @@ class VideoDiffusion(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._prediction_errors = []
+        # Merged adapters: one matmul per adapted layer while sampling. Lightning runs this after the callbacks'
+        # on_predict_start, so the adapters merged are EMACallback's averaged ones when it is used.
+        if self.finetuning is not None:
+            self.finetuning.merge(self.denoiser)
+
+    def on_predict_epoch_end(self) -> None:
+        # Before the callbacks' on_predict_end, where EMACallback puts the trained adapters back: unmerging after
+        # that would subtract other adapters than were merged from the frozen base.
+        if self.finetuning is not None:
+            self.finetuning.unmerge(self.denoiser)
 
     def on_predict_end(self) -> None:
         if self._prediction_errors:
