@@ -20,7 +20,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from pretrained_fixtures import save_tiny_cogvideox_vae, save_tiny_ltx, save_tiny_wan  # noqa: E402
+from pretrained_fixtures import save_tiny_cogvideox_vae, save_tiny_ltx, save_tiny_wan, tiny_ltx_vae  # noqa: E402
 
 from framework.cli.main import main  # noqa: E402
 from framework.layers.packing import PackedSequence  # noqa: E402
@@ -181,18 +181,22 @@ def test_wan_and_ltx_transformers_equal_diffusers_on_a_mixed_pack(wan, ltx) -> N
             torch.testing.assert_close(out[1], direct.detach(), atol=MODULE_TOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["wan", "ltx", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "ltx", "ltx_timestep_conditioned", "cogvideox"])
 def test_vae_encode_decode_equal_diffusers_with_the_pipeline_normalisation(family, wan, ltx, tmp_path) -> None:
     folder = {"wan": lambda: wan / "vae", "ltx": lambda: ltx / "vae",
+              "ltx_timestep_conditioned": lambda: tiny_ltx_vae(timestep_conditioning=True).save_pretrained(
+                  tmp_path / "ltx_t") or tmp_path / "ltx_t",
               "cogvideox": lambda: save_tiny_cogvideox_vae(tmp_path / "cog")}[family]()
     vae = DiffusersVideoVAE(folder, subfolder=None)
     model = vae.autoencoder
+    # LTXPipeline decodes a timestep-conditioned VAE at decode_timestep 0 (no added noise)
+    decode_kwargs = {"temb": torch.zeros(1)} if family == "ltx_timestep_conditioned" else {}
     if family == "wan":
         mean, inv_std = torch.tensor(model.config.latents_mean), 1.0 / torch.tensor(model.config.latents_std)
         normalise = lambda z: (z - mean.view(1, -1, 1, 1, 1)) * inv_std.view(1, -1, 1, 1, 1)  # WanPipeline  # noqa: E731
         denormalise = lambda x: x / inv_std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1)  # noqa: E731
         assert (vae.temporal_factor, vae.spatial_factor) == (4, 8)
-    elif family == "ltx":
+    elif family.startswith("ltx"):
         from diffusers import LTXPipeline
 
         sf = model.config.scaling_factor
@@ -212,7 +216,7 @@ def test_vae_encode_decode_equal_diffusers_with_the_pipeline_normalisation(famil
             expected = normalise(model.encode(video[None]).latent_dist.mean)[0]
             assert latent.shape == (vae.latent_channels, *vae.latent_shape(*video.shape[1:]))
             torch.testing.assert_close(latent, expected, atol=MODULE_TOL, rtol=1e-5)
-            expected_pixels = model.decode(denormalise(latent[None])).sample.clamp(-1, 1)[0]
+            expected_pixels = model.decode(denormalise(latent[None]), **decode_kwargs).sample.clamp(-1, 1)[0]
             torch.testing.assert_close(pixels, expected_pixels, atol=MODULE_TOL, rtol=0)
 
 

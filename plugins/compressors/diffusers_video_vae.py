@@ -43,6 +43,15 @@ class VAEFamily:
     factors: Callable[[nn.Module], tuple[int, int]]  # (temporal, spatial)
     normalisation: Callable[[nn.Module], tuple[Tensor, Tensor]]
     enable_tiling: Callable[[nn.Module, int], None]
+    decode_kwargs: Callable[[nn.Module, Tensor], dict] = lambda vae, z: {}  # extra arguments of ``vae.decode``
+
+
+def _ltx_decode_kwargs(vae: nn.Module, z: Tensor) -> dict:
+    """LTX-Video 0.9.1+ VAEs are timestep-conditioned decoders; LTXPipeline decodes at ``decode_timestep`` 0 by
+    default, with no added noise (``decode_noise_scale`` defaults to the timestep)."""
+    if not getattr(vae.config, "timestep_conditioning", False):
+        return {}
+    return {"temb": torch.zeros(len(z), device=z.device, dtype=z.dtype)}
 
 
 def _wan_normalisation(vae: nn.Module) -> tuple[Tensor, Tensor]:
@@ -74,6 +83,7 @@ FAMILIES: dict[str, VAEFamily] = {
         factors=lambda vae: (int(vae.temporal_compression_ratio), int(vae.spatial_compression_ratio)),
         normalisation=_ltx_normalisation,
         enable_tiling=lambda vae, size: vae.enable_tiling(**_tile_kwargs(size)),
+        decode_kwargs=_ltx_decode_kwargs,
     ),
     "AutoencoderKLCogVideoX": VAEFamily(
         factors=lambda vae: (int(vae.config.temporal_compression_ratio),
@@ -100,7 +110,7 @@ class DiffusersVideoVAE(VariationalCompressor):
                              else vae.config.z_dim))
         self.folder, self.class_name = folder, class_name
         self.autoencoder = vae.eval()
-        family = FAMILIES[class_name]
+        self.family = family = FAMILIES[class_name]
         self.temporal_factor, self.spatial_factor = family.factors(vae)
         mean, std = family.normalisation(vae)
         if mean.shape != (self.latent_channels,) or std.shape != (self.latent_channels,):
@@ -121,7 +131,7 @@ class DiffusersVideoVAE(VariationalCompressor):
 
     def decode_latent(self, z: Tensor) -> Tensor:
         self.check_latent(z)
-        return self.autoencoder.decode(z).sample  # [B, 3, T, H, W]
+        return self.autoencoder.decode(z, **self.family.decode_kwargs(self.autoencoder, z)).sample  # [B, 3, T, H, W]
 
     @torch.no_grad()
     def encode_raw(self, video: Tensor) -> Tensor:
@@ -129,4 +139,5 @@ class DiffusersVideoVAE(VariationalCompressor):
 
     @torch.no_grad()
     def decode_raw(self, z: Tensor) -> Tensor:
-        return self.autoencoder.decode(z.to(self.autoencoder.dtype)).sample.float()  # [B, 3, T, H, W]
+        z = z.to(self.autoencoder.dtype)
+        return self.autoencoder.decode(z, **self.family.decode_kwargs(self.autoencoder, z)).sample.float()
