@@ -310,6 +310,13 @@ def test_bad_folders_and_sizes_fail_naming_them(wan, tmp_path) -> None:
         DiffusersVideoVAE(broken, subfolder=None)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         DiffusersVideoTransformer(tmp_path / "nowhere")
+    from pretrained_fixtures import tiny_wan_transformer
+
+    i2v = tiny_wan_transformer()
+    i2v.register_to_config(image_dim=8)  # what a Wan image-to-video checkpoint's config says
+    i2v.save_pretrained(tmp_path / "i2v")
+    with pytest.raises(ValueError, match="'[^']*i2v' is a Wan image-to-video checkpoint"):
+        DiffusersVideoTransformer(tmp_path / "i2v", subfolder=None)
     with pytest.raises(ValueError, match="holds a AutoencoderKLWan, not one of FlowMatchEulerDiscreteScheduler"):
         (tmp_path / "sched").mkdir()
         shutil.copy(wan / "vae" / "config.json", tmp_path / "sched" / "scheduler_config.json")
