@@ -368,3 +368,24 @@ def test_cache_latents_with_the_wan_vae_is_exact(wan, tmp_path, monkeypatch, cap
         with torch.no_grad():
             assert torch.equal(latent, vae.encode(dataset[sample.index]["video"][None])[0])
     assert {tuple(latent.shape) for _, latent in cached} == {(4, 2, 2, 2), (4, 1, 2, 3)}
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_wan_trains_through_the_adapters_with_the_flow_matching_loss(wan) -> None:
+    """The adapters are differentiable where they should be (fine-tuning builds on this): the velocity loss of a
+    mixed-size pack reaches every transformer weight and none of the frozen VAE or text encoder."""
+    from framework.modules.video_diffusion import VideoDiffusion
+
+    model = VideoDiffusion(DiffusersVideoVAE(wan), SpacetimePatcher(1, 1, 1), DiffusersVideoTransformer(wan),
+                           T5TextConditioner(wan), DiffusersFlowScheduler(wan))
+    g = torch.Generator().manual_seed(0)
+    videos = [torch.rand(3, 5, 16, 32, generator=g) * 2 - 1, torch.rand(3, 1, 32, 16, generator=g) * 2 - 1]
+    clean = model.encode(videos)
+    cond = model.conditioner(["a red square", "a blue circle"])
+    loss = model.sampler.training_loss(lambda x, t: model.denoiser(x, t, cond), clean, generator=g)  # [B]
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    transformer = dict(model.denoiser.transformer.named_parameters())
+    assert all(p.grad is not None for p in transformer.values())
+    assert all(p.grad is None for p in (*model.compressor.parameters(), *model.conditioner.parameters()))
+    assert model.sampler.shift == 3.0  # the scheduler's shift is the training shift
