@@ -389,3 +389,22 @@ def test_wan_trains_through_the_adapters_with_the_flow_matching_loss(wan) -> Non
     assert all(p.grad is not None for p in transformer.values())
     assert all(p.grad is None for p in (*model.compressor.parameters(), *model.conditioner.parameters()))
     assert model.sampler.shift == 3.0  # the scheduler's shift is the training shift
+
+
+def test_sdedit_strength_skips_steps_like_the_diffusers_video_to_video_pipelines(tmp_path) -> None:
+    """strength 0.5 of 6 steps: the first 3 are skipped, the input is noised to the 4th step's sigma."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(tmp_path)
+    sampler = DiffusersFlowScheduler(tmp_path, subfolder=None)
+    g = torch.Generator().manual_seed(0)
+    patcher = SpacetimePatcher(1, 1, 1)
+    noise, start = (patcher.patchify([torch.randn(4, 2, 2, 2, generator=g)]) for _ in range(2))
+    calls: list[tuple[float, torch.Tensor]] = []
+    sampler.sample(lambda x, t: calls.append((float(t[0]), x.tokens.clone())) or x.with_tokens(x.tokens * 0),
+                   noise, steps=6, start_t=0.5, start=start)
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference.set_timesteps(6)
+    sigma = float(reference.sigmas[3])
+    assert [t for t, _ in calls] == pytest.approx([float(ts) / 1000 for ts in reference.timesteps[3:]], abs=1e-7)
+    torch.testing.assert_close(calls[0][1], (1 - sigma) * start.tokens + sigma * noise.tokens)
