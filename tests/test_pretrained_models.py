@@ -408,3 +408,25 @@ def test_sdedit_strength_skips_steps_like_the_diffusers_video_to_video_pipelines
     sigma = float(reference.sigmas[3])
     assert [t for t, _ in calls] == pytest.approx([float(ts) / 1000 for ts in reference.timesteps[3:]], abs=1e-7)
     torch.testing.assert_close(calls[0][1], (1 - sigma) * start.tokens + sigma * noise.tokens)
+
+
+def test_tile_size_turns_on_the_vae_tiling_of_large_frames(wan) -> None:
+    """``tile_size`` is diffusers' own tiling switch: a 48 x 48 video decodes in 32-pixel tiles (stride 24), exactly
+    as the diffusers VAE decodes it with the same tiling."""
+    from diffusers import AutoencoderKLWan
+
+    vae = DiffusersVideoVAE(wan, tile_size=32)
+    assert vae.autoencoder.use_tiling and vae.autoencoder.tile_sample_min_height == 32
+    reference = AutoencoderKLWan.from_pretrained(wan / "vae").eval()
+    reference.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
+                            tile_sample_stride_width=24)
+    latent = torch.randn(1, 4, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = vae.decode(latent)
+        untiled = DiffusersVideoVAE(wan).decode(latent)
+        theirs = reference.decode(vae.denormalize(latent)).sample.clamp(-1, 1)
+    assert ours.shape == (1, 3, 5, 48, 48)
+    torch.testing.assert_close(ours, theirs, atol=MODULE_TOL, rtol=0)
+    assert not torch.allclose(ours, untiled, atol=MODULE_TOL)  # the tiled path really ran (tile borders blend)
+    with pytest.raises(ValueError, match="tile_size 4 is smaller than the spatial factor 8"):
+        DiffusersVideoVAE(wan, tile_size=4)
