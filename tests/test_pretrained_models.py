@@ -9,6 +9,7 @@ plugins call the same modules on the same inputs, so differences are reduction-o
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -337,10 +338,14 @@ def test_bad_folders_and_sizes_fail_naming_them(wan, tmp_path) -> None:
         denoiser.check_latent_size((2, 2, 3))
 
 
-def test_predict_with_a_frame_count_the_vae_cannot_take_fails_naming_it(wan, tmp_path, monkeypatch) -> None:
-    with pytest.raises(Exception, match=r"frames 6 must be 1 \+ k\*4"):
+def test_predict_with_a_frame_count_the_vae_cannot_take_fails_naming_it(wan, tmp_path, monkeypatch, capsys) -> None:
+    with pytest.raises((SystemExit, Exception)) as info:
         run_predict(WAN_CONFIG, wan, WAN_FOLDER, tmp_path, monkeypatch, "--data.init_args.prompts.frames=6",
                     "--data.init_args.prompts.height=16", "--data.init_args.prompts.width=16")
+    if isinstance(info.value, SystemExit):
+        assert info.value.code not in (0, None)
+    out = capsys.readouterr()
+    assert re.search(r"frames 6 must be 1 \+ k\*4", f"{info.value}\n{out.out}\n{out.err}")
     assert not list(tmp_path.glob("runs/*/samples/*.safetensors"))
 
 
