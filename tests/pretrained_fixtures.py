@@ -82,24 +82,34 @@ def save_tiny_wan(root: Path, scheduler: str = "euler", shift: float = 3.0, seed
     return Path(root)
 
 
-def save_tiny_ltx(root: Path, seed: int = 0) -> Path:
-    """An LTX-Video pipeline folder at ``root`` (T5 encoder, 4x time / 8x space VAE, patch-1 transformer)."""
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+def tiny_ltx_vae(timestep_conditioning: bool = False):
+    """4x time, 4x space, 8 latent channels, with random per-channel statistics (0.9.1+ style when
+    ``timestep_conditioning``)."""
+    from diffusers import AutoencoderKLLTXVideo
 
-    torch.manual_seed(seed)
-    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(1)
     vae = AutoencoderKLLTXVideo(
         in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
         decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
         decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
         decoder_spatio_temporal_scaling=(True, True, False, False),
         decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False, False, False, False),
-        upsample_factor=(1, 1, 1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        upsample_factor=(1, 1, 1, 1), timestep_conditioning=timestep_conditioning, patch_size=1, patch_size_t=1,
         encoder_causal=True, decoder_causal=False,
     ).eval()
     g = torch.Generator().manual_seed(2)
     vae.latents_mean.copy_(torch.randn(8, generator=g) * 0.3)
     vae.latents_std.copy_(torch.rand(8, generator=g) + 0.5)
+    return vae
+
+
+def save_tiny_ltx(root: Path, seed: int = 0) -> Path:
+    """An LTX-Video pipeline folder at ``root`` (T5 encoder, 4x time / 8x space VAE, patch-1 transformer)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer()
+    vae = tiny_ltx_vae()
     transformer = LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
         cross_attention_dim=16, num_layers=2, caption_channels=16,

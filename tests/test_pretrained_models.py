@@ -21,7 +21,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from pretrained_fixtures import save_tiny_cogvideox_vae, save_tiny_ltx, save_tiny_wan  # noqa: E402
+from pretrained_fixtures import save_tiny_cogvideox_vae, save_tiny_ltx, save_tiny_wan, tiny_ltx_vae  # noqa: E402
 
 from framework.cli.main import main  # noqa: E402
 from framework.layers.packing import PackedSequence  # noqa: E402
@@ -182,18 +182,22 @@ def test_wan_and_ltx_transformers_equal_diffusers_on_a_mixed_pack(wan, ltx) -> N
             torch.testing.assert_close(out[1], direct.detach(), atol=MODULE_TOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["wan", "ltx", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "ltx", "ltx_timestep_conditioned", "cogvideox"])
 def test_vae_encode_decode_equal_diffusers_with_the_pipeline_normalisation(family, wan, ltx, tmp_path) -> None:
     folder = {"wan": lambda: wan / "vae", "ltx": lambda: ltx / "vae",
+              "ltx_timestep_conditioned": lambda: tiny_ltx_vae(timestep_conditioning=True).save_pretrained(
+                  tmp_path / "ltx_t") or tmp_path / "ltx_t",
               "cogvideox": lambda: save_tiny_cogvideox_vae(tmp_path / "cog")}[family]()
     vae = DiffusersVideoVAE(folder, subfolder=None)
     model = vae.autoencoder
+    # LTXPipeline decodes a timestep-conditioned VAE at decode_timestep 0 (no added noise)
+    decode_kwargs = {"temb": torch.zeros(1)} if family == "ltx_timestep_conditioned" else {}
     if family == "wan":
         mean, inv_std = torch.tensor(model.config.latents_mean), 1.0 / torch.tensor(model.config.latents_std)
         normalise = lambda z: (z - mean.view(1, -1, 1, 1, 1)) * inv_std.view(1, -1, 1, 1, 1)  # WanPipeline  # noqa: E731
         denormalise = lambda x: x / inv_std.view(1, -1, 1, 1, 1) + mean.view(1, -1, 1, 1, 1)  # noqa: E731
         assert (vae.temporal_factor, vae.spatial_factor) == (4, 8)
-    elif family == "ltx":
+    elif family.startswith("ltx"):
         from diffusers import LTXPipeline
 
         sf = model.config.scaling_factor
@@ -213,7 +217,7 @@ def test_vae_encode_decode_equal_diffusers_with_the_pipeline_normalisation(famil
             expected = normalise(model.encode(video[None]).latent_dist.mean)[0]
             assert latent.shape == (vae.latent_channels, *vae.latent_shape(*video.shape[1:]))
             torch.testing.assert_close(latent, expected, atol=MODULE_TOL, rtol=1e-5)
-            expected_pixels = model.decode(denormalise(latent[None])).sample.clamp(-1, 1)[0]
+            expected_pixels = model.decode(denormalise(latent[None]), **decode_kwargs).sample.clamp(-1, 1)[0]
             torch.testing.assert_close(pixels, expected_pixels, atol=MODULE_TOL, rtol=0)
 
 
@@ -307,6 +311,13 @@ def test_bad_folders_and_sizes_fail_naming_them(wan, tmp_path) -> None:
         DiffusersVideoVAE(broken, subfolder=None)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         DiffusersVideoTransformer(tmp_path / "nowhere")
+    from pretrained_fixtures import tiny_wan_transformer
+
+    i2v = tiny_wan_transformer()
+    i2v.register_to_config(image_dim=8)  # what a Wan image-to-video checkpoint's config says
+    i2v.save_pretrained(tmp_path / "i2v")
+    with pytest.raises(ValueError, match="'[^']*i2v' is a Wan image-to-video checkpoint"):
+        DiffusersVideoTransformer(tmp_path / "i2v", subfolder=None)
     with pytest.raises(ValueError, match="holds a AutoencoderKLWan, not one of FlowMatchEulerDiscreteScheduler"):
         (tmp_path / "sched").mkdir()
         shutil.copy(wan / "vae" / "config.json", tmp_path / "sched" / "scheduler_config.json")
@@ -362,3 +373,65 @@ def test_cache_latents_with_the_wan_vae_is_exact(wan, tmp_path, monkeypatch, cap
         with torch.no_grad():
             assert torch.equal(latent, vae.encode(dataset[sample.index]["video"][None])[0])
     assert {tuple(latent.shape) for _, latent in cached} == {(4, 2, 2, 2), (4, 1, 2, 3)}
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_wan_trains_through_the_adapters_with_the_flow_matching_loss(wan) -> None:
+    """The adapters are differentiable where they should be (fine-tuning builds on this): the velocity loss of a
+    mixed-size pack reaches every transformer weight and none of the frozen VAE or text encoder."""
+    from framework.modules.video_diffusion import VideoDiffusion
+
+    model = VideoDiffusion(DiffusersVideoVAE(wan), SpacetimePatcher(1, 1, 1), DiffusersVideoTransformer(wan),
+                           T5TextConditioner(wan), DiffusersFlowScheduler(wan))
+    g = torch.Generator().manual_seed(0)
+    videos = [torch.rand(3, 5, 16, 32, generator=g) * 2 - 1, torch.rand(3, 1, 32, 16, generator=g) * 2 - 1]
+    clean = model.encode(videos)
+    cond = model.conditioner(["a red square", "a blue circle"])
+    loss = model.sampler.training_loss(lambda x, t: model.denoiser(x, t, cond), clean, generator=g)  # [B]
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    transformer = dict(model.denoiser.transformer.named_parameters())
+    assert all(p.grad is not None for p in transformer.values())
+    assert all(p.grad is None for p in (*model.compressor.parameters(), *model.conditioner.parameters()))
+    assert model.sampler.shift == 3.0  # the scheduler's shift is the training shift
+
+
+def test_sdedit_strength_skips_steps_like_the_diffusers_video_to_video_pipelines(tmp_path) -> None:
+    """strength 0.5 of 6 steps: the first 3 are skipped, the input is noised to the 4th step's sigma."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(tmp_path)
+    sampler = DiffusersFlowScheduler(tmp_path, subfolder=None)
+    g = torch.Generator().manual_seed(0)
+    patcher = SpacetimePatcher(1, 1, 1)
+    noise, start = (patcher.patchify([torch.randn(4, 2, 2, 2, generator=g)]) for _ in range(2))
+    calls: list[tuple[float, torch.Tensor]] = []
+    sampler.sample(lambda x, t: calls.append((float(t[0]), x.tokens.clone())) or x.with_tokens(x.tokens * 0),
+                   noise, steps=6, start_t=0.5, start=start)
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference.set_timesteps(6)
+    sigma = float(reference.sigmas[3])
+    assert [t for t, _ in calls] == pytest.approx([float(ts) / 1000 for ts in reference.timesteps[3:]], abs=1e-7)
+    torch.testing.assert_close(calls[0][1], (1 - sigma) * start.tokens + sigma * noise.tokens)
+
+
+def test_tile_size_turns_on_the_vae_tiling_of_large_frames(wan) -> None:
+    """``tile_size`` is diffusers' own tiling switch: a 48 x 48 video decodes in 32-pixel tiles (stride 24), exactly
+    as the diffusers VAE decodes it with the same tiling."""
+    from diffusers import AutoencoderKLWan
+
+    vae = DiffusersVideoVAE(wan, tile_size=32)
+    assert vae.autoencoder.use_tiling and vae.autoencoder.tile_sample_min_height == 32
+    reference = AutoencoderKLWan.from_pretrained(wan / "vae").eval()
+    reference.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
+                            tile_sample_stride_width=24)
+    latent = torch.randn(1, 4, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = vae.decode(latent)
+        untiled = DiffusersVideoVAE(wan).decode(latent)
+        theirs = reference.decode(vae.denormalize(latent)).sample.clamp(-1, 1)
+    assert ours.shape == (1, 3, 5, 48, 48)
+    torch.testing.assert_close(ours, theirs, atol=MODULE_TOL, rtol=0)
+    assert not torch.allclose(ours, untiled, atol=MODULE_TOL)  # the tiled path really ran (tile borders blend)
+    with pytest.raises(ValueError, match="tile_size 4 is smaller than the spatial factor 8"):
+        DiffusersVideoVAE(wan, tile_size=4)

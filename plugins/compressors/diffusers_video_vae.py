@@ -38,11 +38,21 @@ from plugins.diffusers_folders import component_folder, load_diffusers_model
 
 @dataclass(frozen=True)
 class VAEFamily:
-    """How to read one diffusers video VAE: its factors and its latent normalisation (mean [c], std [c])."""
+    """How to read one diffusers video VAE: its latent channels, factors and latent normalisation (mean [c], std [c])."""
 
+    latent_channels: Callable[[nn.Module], int]
     factors: Callable[[nn.Module], tuple[int, int]]  # (temporal, spatial)
     normalisation: Callable[[nn.Module], tuple[Tensor, Tensor]]
     enable_tiling: Callable[[nn.Module, int], None]
+    decode_kwargs: Callable[[nn.Module, Tensor], dict] = lambda vae, z: {}  # extra arguments of ``vae.decode``
+
+
+def _ltx_decode_kwargs(vae: nn.Module, z: Tensor) -> dict:
+    """LTX-Video 0.9.1+ VAEs are timestep-conditioned decoders; LTXPipeline decodes at ``decode_timestep`` 0 by
+    default, with no added noise (``decode_noise_scale`` defaults to the timestep)."""
+    if not getattr(vae.config, "timestep_conditioning", False):
+        return {}
+    return {"temb": torch.zeros(len(z), device=z.device, dtype=z.dtype)}
 
 
 def _wan_normalisation(vae: nn.Module) -> tuple[Tensor, Tensor]:
@@ -66,22 +76,29 @@ def _tile_kwargs(size: int) -> dict:
 
 FAMILIES: dict[str, VAEFamily] = {
     "AutoencoderKLWan": VAEFamily(
+        latent_channels=lambda vae: int(vae.config.z_dim),
         factors=lambda vae: (int(vae.config.scale_factor_temporal), int(vae.config.scale_factor_spatial)),
         normalisation=_wan_normalisation,
         enable_tiling=lambda vae, size: vae.enable_tiling(**_tile_kwargs(size)),
     ),
     "AutoencoderKLLTXVideo": VAEFamily(
+        latent_channels=lambda vae: int(vae.config.latent_channels),
         factors=lambda vae: (int(vae.temporal_compression_ratio), int(vae.spatial_compression_ratio)),
         normalisation=_ltx_normalisation,
         enable_tiling=lambda vae, size: vae.enable_tiling(**_tile_kwargs(size)),
+        decode_kwargs=_ltx_decode_kwargs,
     ),
     "AutoencoderKLCogVideoX": VAEFamily(
+        latent_channels=lambda vae: int(vae.config.latent_channels),
         factors=lambda vae: (int(vae.config.temporal_compression_ratio),
                              2 ** (len(vae.config.block_out_channels) - 1)),
         normalisation=_cogvideox_normalisation,
         enable_tiling=lambda vae, size: vae.enable_tiling(tile_sample_min_height=size, tile_sample_min_width=size),
     ),
 }
+
+
+OWNER = "DiffusersVideoVAE"
 
 
 class DiffusersVideoVAE(VariationalCompressor):
@@ -93,24 +110,22 @@ class DiffusersVideoVAE(VariationalCompressor):
     def __init__(self, path: Path, subfolder: str | None = "vae", tile_size: int | None = None) -> None:
         """``path`` is a pipeline folder and ``subfolder`` its VAE (``null``: ``path`` is the VAE folder itself).
         ``tile_size`` (pixels) decodes and encodes frames larger than it in overlapping tiles."""
-        self_name = "DiffusersVideoVAE"
         folder = component_folder(path, subfolder)
-        vae, class_name = load_diffusers_model(folder, FAMILIES, self_name)
-        super().__init__(int(vae.config.latent_channels if hasattr(vae.config, "latent_channels")
-                             else vae.config.z_dim))
-        self.folder, self.class_name = folder, class_name
-        self.autoencoder = vae.eval()
+        vae, class_name = load_diffusers_model(folder, FAMILIES, OWNER)
         family = FAMILIES[class_name]
+        super().__init__(family.latent_channels(vae))
+        self.folder, self.class_name, self.family = folder, class_name, family
+        self.autoencoder = vae.eval()
         self.temporal_factor, self.spatial_factor = family.factors(vae)
         mean, std = family.normalisation(vae)
         if mean.shape != (self.latent_channels,) or std.shape != (self.latent_channels,):
-            raise ValueError(f"{self_name}: {str(folder)!r} gives latent statistics of shapes {tuple(mean.shape)} "
+            raise ValueError(f"{OWNER}: {str(folder)!r} gives latent statistics of shapes {tuple(mean.shape)} "
                              f"and {tuple(std.shape)} for {self.latent_channels} latent channels")
         self.latent_mean.copy_(mean)
         self.latent_std.copy_(std)
         if tile_size is not None:
             if tile_size < self.spatial_factor:
-                raise ValueError(f"{self_name}: tile_size {tile_size} is smaller than the spatial factor "
+                raise ValueError(f"{OWNER}: tile_size {tile_size} is smaller than the spatial factor "
                                  f"{self.spatial_factor}")
             family.enable_tiling(vae, tile_size)
 
@@ -121,7 +136,7 @@ class DiffusersVideoVAE(VariationalCompressor):
 
     def decode_latent(self, z: Tensor) -> Tensor:
         self.check_latent(z)
-        return self.autoencoder.decode(z).sample  # [B, 3, T, H, W]
+        return self.autoencoder.decode(z, **self.family.decode_kwargs(self.autoencoder, z)).sample  # [B, 3, T, H, W]
 
     @torch.no_grad()
     def encode_raw(self, video: Tensor) -> Tensor:
@@ -129,4 +144,5 @@ class DiffusersVideoVAE(VariationalCompressor):
 
     @torch.no_grad()
     def decode_raw(self, z: Tensor) -> Tensor:
-        return self.autoencoder.decode(z.to(self.autoencoder.dtype)).sample.float()  # [B, 3, T, H, W]
+        z = z.to(self.autoencoder.dtype)
+        return self.autoencoder.decode(z, **self.family.decode_kwargs(self.autoencoder, z)).sample.float()

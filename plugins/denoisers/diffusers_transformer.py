@@ -99,6 +99,14 @@ class DiffusersVideoTransformer(Denoiser):
         self.folder = component_folder(path, subfolder)
         self.transformer, self.class_name = load_diffusers_model(self.folder, FAMILIES, "DiffusersVideoTransformer")
         self.family = FAMILIES[self.class_name]
+        if getattr(self.transformer.config, "image_dim", None) is not None:
+            raise ValueError(f"DiffusersVideoTransformer: {str(self.folder)!r} is a Wan image-to-video checkpoint "
+                             f"(image_dim {self.transformer.config.image_dim}: CLIP image tokens), not supported; use "
+                             f"a text-to-video checkpoint (image-to-video then works by frame replacement)")
+        if subfolder and (Path(path).expanduser() / "transformer_2").is_dir():
+            raise ValueError(f"DiffusersVideoTransformer: {str(Path(path))!r} is a two-expert (Wan 2.2 A14B) "
+                             f"pipeline with transformer_2, not supported: sampling with one expert alone would "
+                             f"not be that model")
         self.call_context = CallContext(ltx_frame_rate, ltx_vae_temporal_factor, ltx_vae_spatial_factor)
         config = self.transformer.config
         self.latent_channels = int(config.in_channels)

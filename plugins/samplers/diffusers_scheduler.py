@@ -8,8 +8,8 @@ its timesteps to integers and keeps a multistep history with a predictor-correct
 updates -- the library made for the job -- for any flow scheduler diffusers has. (``RectifiedFlow`` stays our own
 sampler for models we train from scratch: its grid is a plain shifted ``linspace(1, 0)``.)
 
-Sampling: one scheduler per sample (diffusers schedulers hold per-run state: step index, UniPC's history), all fed
-by one denoiser call per step on the whole pack; the denoiser gets ``t = timestep / num_train_timesteps`` in
+Sampling (``begin`` / ``step`` of ``SteppedSampler``'s loop): one scheduler per sample (diffusers schedulers hold
+per-run state: step index, UniPC's history), all fed by one denoiser call per step on the whole pack; the denoiser gets ``t = timestep / num_train_timesteps`` in
 [0, 1] (``DiffusersVideoTransformer`` multiplies it back). With ``use_dynamic_shifting`` in the config (LTX) each
 sample's shift ``mu`` comes from its token count as in ``LTXPipeline`` (``calculate_shift``); ``linear_sigmas``
 passes LTXPipeline's ``sigmas = linspace(1, 1 / steps, steps)`` instead of the scheduler's default spacing.
@@ -25,17 +25,28 @@ Training (fine-tuning) is ``RectifiedFlow``'s flow-matching loss with the schedu
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from framework.core.interfaces import ModelFn, StepCallback
+from framework.core.interfaces import ModelFn
+from framework.core.sampling import SamplingRun
 from framework.layers.packing import PackedSequence
 from plugins.diffusers_folders import check_class, component_folder, import_diffusers, read_config
 from plugins.samplers.rectified_flow import FlowPrediction, RectifiedFlow
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
+
+
+@dataclass
+class SchedulerRun(SamplingRun):
+    """A sampling run's diffusers schedulers (one per sample) and the index of its first step."""
+
+    schedulers: list
+    first: int
 
 
 def calculate_shift(seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
@@ -85,16 +96,10 @@ class DiffusersFlowScheduler(RectifiedFlow):
         scheduler.set_timesteps(None if "sigmas" in kwargs else steps, device=device, **kwargs)
         return scheduler
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model_fn: ModelFn,
-        noise: PackedSequence,
-        steps: int,
-        callback: StepCallback | None = None,
-        start_t: float = 1.0,
-        start: PackedSequence | None = None,
-    ) -> PackedSequence:
+    def begin(self, noise: PackedSequence, steps: int, start_t: float = 1.0,
+              start: PackedSequence | None = None) -> SchedulerRun:
+        """One scheduler per sample with its timesteps set; with ``start_t`` < 1 (SDEdit strength) the first
+        ``steps * (1 - start_t)`` steps are skipped and ``start`` is noised to the first remaining sigma."""
         if not 0.0 < start_t <= 1.0:
             raise ValueError(f"DiffusersFlowScheduler: start_t (SDEdit strength) must be in (0, 1], got {start_t}")
         device = noise.tokens.device
@@ -108,21 +113,22 @@ class DiffusersFlowScheduler(RectifiedFlow):
                 raise ValueError(f"DiffusersFlowScheduler: SDEdit strength {start_t} leaves no step of {steps}")
         for s in schedulers:
             s.set_begin_index(first)
+        x = noise
         if start_t < 1.0:
             if start is None:
                 raise ValueError(f"DiffusersFlowScheduler: start_t={start_t} < 1 needs the clean ``start`` to noise")
             sigma = torch.stack([s.sigmas[first] for s in schedulers]).to(device, noise.tokens.dtype)  # [B]
             sigma_tok = noise.per_token(sigma)[:, None]  # [N, 1]
             x = noise.with_tokens((1 - sigma_tok) * start.tokens + sigma_tok * noise.tokens)
-        else:
-            x = noise
-        for i in range(first, len(schedulers[0].timesteps)):
-            timesteps = torch.stack([s.timesteps[i] for s in schedulers]).to(device)  # [B], model scale
-            t = timesteps.float() / self.num_train_timesteps  # [B] in [0, 1]
-            velocity = model_fn(x, t).tokens  # [N, D]
-            pieces = [s.step(v, ts, xs, return_dict=False)[0]  # each sample's own update, [n_i, D]
-                      for s, v, ts, xs in zip(schedulers, x.split(velocity), timesteps, x.split())]
-            x = x.with_tokens(torch.cat(pieces).to(x.tokens.dtype))
-            if callback is not None:
-                callback(i - first, torch.stack([s.sigmas[s.step_index] for s in schedulers]).to(device), x)
-        return x
+        return SchedulerRun(x, len(schedulers[0].timesteps) - first, schedulers, first)
+
+    def step(self, model_fn: ModelFn, run: SchedulerRun, k: int) -> Tensor:
+        """One scheduler step per sample, all fed by one model call; returns each sample's next sigma [B]."""
+        x, i = run.x, run.first + k
+        device = x.tokens.device
+        timesteps = torch.stack([s.timesteps[i] for s in run.schedulers]).to(device)  # [B], model scale
+        velocity = model_fn(x, timesteps.float() / self.num_train_timesteps).tokens  # t in [0, 1]; [N, D]
+        pieces = [s.step(v, ts, xs, return_dict=False)[0]  # each sample's own update, [n_i, D]
+                  for s, v, ts, xs in zip(run.schedulers, x.split(velocity), timesteps, x.split())]
+        run.x = x.with_tokens(torch.cat(pieces).to(x.tokens.dtype))
+        return torch.stack([s.sigmas[s.step_index] for s in run.schedulers]).to(device)
