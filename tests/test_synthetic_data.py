@@ -220,3 +220,40 @@ def test_empty_and_single_frame_videos() -> None:
     one = render_clip(_spec("green", "right", "white", frames=1))
     track = track_object(one)
     assert track.colour == "green" and track.direction is None and track.visible_frames == 1
+
+
+@pytest.mark.parametrize("object_size,noise_std", [(5, 0.0), (5, 0.3), (7, 0.0), (7, 0.3)])
+def test_probe_recovers_shape_for_every_combination(object_size: int, noise_std: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    failures = []
+    for shape, (colour, direction, background) in itertools.product(SHAPES, COMBOS):
+        spec = _spec(colour, direction, background, shape, object_size=object_size)
+        video = render_clip(spec)  # [3, T, H, W]
+        video = video + noise_std * torch.randn(video.shape, generator=gen)
+        result = score_clip(video, spec)  # the spec gives the sprite size
+        if not result["shape_ok"] or result["shape"] != shape or result["expected_shape"] != shape:
+            failures.append((shape, colour, direction, background, result["shape"]))
+        # From the caption the size must be given; the verdict is the same.
+        assert score_clip(video, spec.caption, object_size=object_size)["shape_ok"] == result["shape_ok"]
+    assert not failures, failures
+
+
+def test_probe_reports_the_wrong_shape_and_no_shape_when_none_was_promised() -> None:
+    circle = render_clip(_spec("yellow", "down", "black", "circle", object_size=7))
+    promised_square = "a yellow square moving down on a black background"
+    result = score_clip(circle, promised_square, object_size=7)
+    assert result["shape"] == "circle" and result["shape_ok"] is False and result["both_ok"]
+    assert score_clip(circle, {"colour": "yellow", "direction": "down"}, object_size=7)["shape_ok"] is None
+
+
+def test_shape_fit_survives_soft_edges_at_size_7_not_at_size_5() -> None:
+    """A 3x3 box blur (edges like a generated frame's) keeps size-7 shapes apart, while at size 5, where the two
+    sprites differ by 4 corner pixels, the blurred square is read as a circle: why the quickstart draws size 7."""
+    def blurred(spec: ClipSpec) -> torch.Tensor:
+        frames = render_clip(spec).permute(1, 0, 2, 3)  # [T, 3, H, W]
+        return torch.nn.functional.avg_pool2d(frames, 3, 1, 1, count_include_pad=False).permute(1, 0, 2, 3)
+
+    for shape in SHAPES:
+        spec = _spec("red", "right", "white", shape, object_size=7)
+        assert track_object(blurred(spec), object_size=7).shape == shape
+    assert track_object(blurred(_spec("red", "right", "white", "square", object_size=5))).shape == "circle"

@@ -2,8 +2,9 @@
 
 Why it exists: a text-to-video benchmark needs a number that distinguishes "the model followed the
 caption" from "the model produces plausible-looking noise". On the synthetic moving-shapes data the
-caption names a colour and a direction, both of which can be recovered from pixels with simple, robust
-statistics (border-median background, smoothed foreground mask, least-squares centroid velocity).
+caption names a colour, a shape and a direction, all of which can be recovered from pixels with simple, robust
+statistics (border-median background, smoothed foreground mask, least-squares centroid velocity, and a
+least-squares fit of the square and circle sprites to the object's soft foreground map).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from framework.data.synthetic import BACKGROUND_COLOURS, DIRECTIONS, OBJECT_COLOURS, SHAPES, ClipSpec
+from framework.data.synthetic import BACKGROUND_COLOURS, DIRECTIONS, OBJECT_COLOURS, SHAPES, ClipSpec, shape_mask
 
-__all__ = ["ObjectTrack", "track_object", "score_clip", "parse_caption"]
+__all__ = ["ObjectTrack", "track_object", "classify_shape", "score_clip", "parse_caption"]
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ObjectTrack:
     visible_frames: int  # frames whose object mask is non-empty
     area_cv: float  # std / mean of per-frame object area over all frames (flicker / disappearance)
     monotonic_fraction: float  # fraction of consecutive visible steps moving the detected way (>= 0)
+    shape: str | None = None  # "square" | "circle": the sprite that fits the object best; None if no object pixel
 
 
 def _nearest(colour: torch.Tensor, palette: Mapping[str, tuple[int, int, int]]) -> str:
@@ -45,18 +47,42 @@ def _slope(t: torch.Tensor, v: torch.Tensor) -> float:
     return float((tc * (v - v.mean())).sum() / (tc * tc).sum())
 
 
+def classify_shape(foreground: torch.Tensor, object_size: int) -> str | None:
+    """Which sprite of ``SHAPES`` (drawn by ``synthetic.shape_mask`` at ``object_size``) fits ``foreground``.
+
+    ``foreground`` [V, H, W] is a soft object map in [0, 1] (1 = object colour, 0 = background) of the frames where
+    the object is visible. Each sprite is placed where it fits each frame best, and the sprite with the smaller total
+    squared error wins: ``|p - s|^2 = |p|^2 - 2 <p, s> + |s|^2``, and ``|p|^2`` is the same for every sprite, so only
+    the correlation (one conv2d) and the sprite's area are needed. A bounding-box fill ratio would do for clean
+    renders, but one stray pixel of a generated frame stretches the box; the fit uses every pixel with its weight.
+    Returns None when the frames are smaller than the sprite.
+    """
+    _, H, W = foreground.shape
+    if H < object_size or W < object_size:
+        return None
+    costs = {}
+    for shape in SHAPES:
+        sprite = shape_mask(shape, object_size).float()  # [S, S]
+        correlation = F.conv2d(foreground[:, None], sprite[None, None])  # [V, 1, H - S + 1, W - S + 1]
+        best = correlation.flatten(1).amax(dim=1)  # [V] best placement per frame
+        costs[shape] = float((sprite.sum() - 2.0 * best).sum())
+    return min(costs, key=costs.__getitem__)
+
+
 def track_object(
     video: torch.Tensor,
     palette: Mapping[str, tuple[int, int, int]] = OBJECT_COLOURS,
     min_speed: float = 0.25,
     threshold: float = 80.0,
     smooth: bool = True,
+    object_size: int = 5,
 ) -> ObjectTrack:
     """Find the object in ``video`` [3, T, H, W] (values in [-1, 1]) and measure colour and motion.
 
     ``threshold`` is an RGB distance on the 0..255 scale. ``smooth`` applies a 3x3 spatial box
     filter before thresholding: it divides i.i.d. pixel noise by 3 while leaving the centroid of a
-    symmetric blob unchanged, which is what makes the probe usable on noisy generated videos.
+    symmetric blob unchanged, which is what makes the probe usable on noisy generated videos. ``object_size`` is
+    the side of the sprites the shape is fitted with (``SyntheticMovingShapes.object_size``, 5 by default).
     """
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"video must have shape [3, T, H, W], got {tuple(video.shape)}")
@@ -86,12 +112,17 @@ def track_object(
     core = mask & (distance >= distance[mask].median())  # [T, H, W]
     raw = pixels.permute(1, 2, 3, 0)  # [T, H, W, 3]
     colour = _nearest(raw[core].mean(dim=0), palette)
+    # Shape from the unsmoothed pixels (smoothing rounds a square's corners): each pixel's distance from the
+    # background as a fraction of the detected colour's, so 1 is the object colour and 0 the background.
+    contrast = torch.linalg.vector_norm(torch.tensor(palette[colour], dtype=torch.float32) - background).clamp(min=1.0)
+    raw_distance = torch.linalg.vector_norm(pixels - background[:, None, None, None], dim=0)  # [T, H, W]
+    shape = classify_shape((raw_distance[visible] / contrast).clamp(0.0, 1.0), object_size)
 
     mean_area = float(area.mean())
     area_cv = float(area.std(unbiased=False)) / mean_area
 
     if visible_frames < 2:
-        return ObjectTrack(colour, None, (0.0, 0.0), visible_frames, area_cv, 0.0)
+        return ObjectTrack(colour, None, (0.0, 0.0), visible_frames, area_cv, 0.0, shape)
 
     ys = torch.arange(H, dtype=torch.float32)  # [H]
     xs = torch.arange(W, dtype=torch.float32)  # [W]
@@ -114,7 +145,7 @@ def track_object(
         consistent = sign * steps[:, axis] >= 0  # [V-1]
     monotonic_fraction = float(consistent.float().mean())
 
-    return ObjectTrack(colour, direction, (vx, vy), visible_frames, area_cv, monotonic_fraction)
+    return ObjectTrack(colour, direction, (vx, vy), visible_frames, area_cv, monotonic_fraction, shape)
 
 
 _CAPTION_RE = re.compile(
@@ -142,16 +173,20 @@ def score_clip(
 ) -> dict:
     """Score one clip against what its spec/caption promised.
 
-    ``spec_or_attributes`` is a ClipSpec, a mapping with "colour" and "direction" (e.g. the output of
-    ``parse_caption``), or a caption string. Returns colour_ok / direction_ok / both_ok, the expected
-    values, and every ObjectTrack field (velocity as a tuple) for aggregation in benchmarks.
+    ``spec_or_attributes`` is a ClipSpec, a mapping with "colour" and "direction" and optionally "shape" (e.g. the
+    output of ``parse_caption``), or a caption string. Returns colour_ok / direction_ok / both_ok (colour and
+    direction) and shape_ok (None when no shape was promised), the expected values, and every ObjectTrack field
+    (velocity as a tuple) for aggregation in benchmarks. ``track_kwargs`` go to ``track_object`` (e.g.
+    ``object_size`` for the shape fit; a ClipSpec gives its own).
     """
     if isinstance(spec_or_attributes, ClipSpec):
-        expected = {"colour": spec_or_attributes.colour, "direction": spec_or_attributes.direction}
+        expected = {"colour": spec_or_attributes.colour, "direction": spec_or_attributes.direction,
+                    "shape": spec_or_attributes.shape}
+        track_kwargs.setdefault("object_size", spec_or_attributes.object_size)
     elif isinstance(spec_or_attributes, str):
         expected = parse_caption(spec_or_attributes)
     else:
-        expected = {"colour": spec_or_attributes["colour"], "direction": spec_or_attributes["direction"]}
+        expected = dict(spec_or_attributes)
     track = track_object(video, **track_kwargs)
     colour_ok = track.colour == expected["colour"]
     direction_ok = track.direction == expected["direction"]
@@ -159,8 +194,10 @@ def score_clip(
         "colour_ok": colour_ok,
         "direction_ok": direction_ok,
         "both_ok": colour_ok and direction_ok,
+        "shape_ok": track.shape == expected["shape"] if "shape" in expected else None,
         "expected_colour": expected["colour"],
         "expected_direction": expected["direction"],
+        "expected_shape": expected.get("shape"),
     }
     result.update(asdict(track))
     result["velocity"] = tuple(track.velocity)
