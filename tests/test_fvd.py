@@ -9,6 +9,7 @@ also needs ``KINETOSCOPE_SLOW=1`` (about 10 minutes on 2 CPU cores).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import os
@@ -24,7 +25,9 @@ from torchmetrics.image.kid import poly_mmd
 
 from framework.metrics.frechet import covariance_from_sums, frechet_distance, symmetric_sqrtm, trace_sqrt_product
 from framework.metrics.fvd import (
+    ClipStart,
     FrechetVideoDistance,
+    FVDPreset,
     ResizeKernel,
     fvd_comparison_videos,
     polynomial_mmd,
@@ -185,9 +188,13 @@ def test_kid_matches_torchmetrics_poly_mmd_and_is_reported():
 
 def test_clip_length_and_frame_stride_pick_the_protocol_frames():
     video = torch.arange(20, dtype=torch.float32).reshape(1, 1, 20, 1, 1).expand(1, 3, 20, 4, 4) / 20  # frame t = t/20
-    clips = prepare_clips(video, clip_length=3, frame_stride=8, size=4)
+    protocol = FVDPreset.ORIGINAL_TF1.value.with_overrides(clip_length=3, frame_stride=8)
+    assert protocol.name == "original_tf1 (clip_length=3, frame_stride=8)" and protocol.span == 17
+    clips = prepare_clips(video, protocol, size=4)
     assert clips.shape == (1, 3, 3, 4, 4)
     assert clips[0, 0, :, 0, 0].tolist() == pytest.approx([0.0, 0.4, 0.8])  # frames 0, 8, 16
+    middle = dataclasses.replace(protocol, clip_start=ClipStart.MIDDLE)  # 20 frames, span 17: starts at frame 1
+    assert prepare_clips(video, middle, size=4)[0, 0, :, 0, 0].tolist() == pytest.approx([0.05, 0.45, 0.85])
 
 
 def test_resize_kernels_tf1_and_half_pixel():
