@@ -1,39 +1,50 @@
-"""Do the metrics tell real videos from the same videos shuffled in time? (shared/data/videos)
+"""Do the metrics tell real videos from the same videos shuffled in time or stuttering? (shared/data/videos)
 
-Every clip of the developer set is scored as it is and with its frames in a fixed random order (same pixels, broken
-time): the temporal metrics of both versions, and FVD (real TF-Hub I3D, 16-frame clips at 224x224) of the shuffled
+Every clip of the developer set is scored as it is, with its frames in a fixed random order (same pixels, broken
+time) and stuttered (every other frame replaced by a copy of its predecessor): the temporal metrics and the
+frame-repetition flags of all three versions, and FVD (real TF-Hub I3D, 16-frame clips at 224x224) of the shuffled
 set against the originals, next to FVD of the originals against themselves (0 by definition). Clips shorter than 16
 frames are left out of FVD only. Needs the I3D weights for FVD (``kinetoscope fetch-i3d``; else FVD is skipped).
 
     python benchmarks/metrics_real_clips.py [--videos ../shared/data/videos] [--max-frames 64]
 
-Writes benchmarks/results/metrics_real_clips.json.
+Writes benchmarks/results/metrics_real_clips/<time>-<commit>.json (benchmarks/results_store.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from framework.data.manifest import read_manifest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results_store import save_result  # noqa: E402
+from framework.data.manifest import read_manifest  # noqa: E402
 from framework.metrics.evaluation import VideoMetricSuite
 from framework.metrics.fvd import FrechetVideoDistance
 from framework.metrics.i3d_weights import I3DWeightsMissingError, load_i3d
 from framework.data.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT = REPO / "benchmarks" / "results" / "metrics_real_clips.json"
 
 
 def shuffle_time(video: torch.Tensor, seed: int) -> torch.Tensor:
     """The same frames in a random order (a fixed permutation per clip)."""
     order = torch.randperm(video.shape[1], generator=torch.Generator().manual_seed(seed))
     return video[:, order]  # [3, T, H, W]
+
+
+def stutter(video: torch.Tensor) -> torch.Tensor:
+    """Every other frame replaced by a copy of its predecessor (same length)."""
+    held = video.clone()
+    held[:, 1::2] = video[:, 0::2][:, : held[:, 1::2].shape[1]]
+    return held  # [3, T, H, W]
 
 
 def main() -> None:
@@ -51,6 +62,7 @@ def main() -> None:
 
     start = time.perf_counter()
     temporal = VideoMetricSuite(None)
+    stuttered_suite = VideoMetricSuite(None)
     fvd_results: dict[str, float | int | str] = {}
     try:
         fvd = FrechetVideoDistance(load_i3d(), batch_size=1)
@@ -71,12 +83,14 @@ def main() -> None:
         shuffled = shuffle_time(video, i)
         temporal.update([video], real=True)  # "real" = in order, "fake" = shuffled
         temporal.update([shuffled], real=False)
+        stuttered_suite.update([stutter(video)], real=False)
         if fvd is not None and video.shape[1] >= 16:
             fvd_start = time.perf_counter()
             real_features.append(fvd.extract_features([video]))  # [1, 400]
             shuffled_features.append(fvd.extract_features([shuffled]))  # [1, 400]
             fvd_s += time.perf_counter() - fvd_start
     temporal_results = temporal.compute()
+    stuttered_results = stuttered_suite.compute()
     temporal_s = time.perf_counter() - start - fvd_s
 
     if fvd is not None:
@@ -97,14 +111,13 @@ def main() -> None:
         "max_frames": args.max_frames,
         "temporal_ordered": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("real/")},
         "temporal_shuffled": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("fake/")},
+        "temporal_stuttered": {k.split("/", 1)[1]: v for k, v in stuttered_results.items()},
         "temporal_seconds": round(temporal_s, 1),
         **fvd_results,
         "note": "2 shared CPU cores; flow on frames downscaled to <= 256 px",
     }
     print(json.dumps(result, indent=2))
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULT}")
+    print(f"wrote {save_result('metrics_real_clips', result)}")
 
 
 if __name__ == "__main__":
