@@ -335,6 +335,9 @@ def evaluate_command(argv: list[str]) -> int:
     parser.add_argument("--random-i3d", action="store_true",
                         help="randomly initialised I3D: for smoke tests only, the FVD is meaningless")
     args = parser.parse_args(argv)
+    if args.no_fvd and args.no_temporal:
+        print("kinetoscope evaluate: --no-fvd with --no-temporal leaves nothing to compute", file=sys.stderr)
+        return 2
     try:
         protocol = FVD_PROTOCOLS[args.fvd_protocol].with_overrides(args.clip_length, args.frame_stride)
         if not args.no_fvd and protocol.clip_length < I3D_MIN_FRAMES:
