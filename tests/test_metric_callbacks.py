@@ -51,6 +51,8 @@ def test_video_metrics_callback_runs_in_fast_dev_run(tmp_path):
     # The reference clips (the first 2 synthetic clips) are the prompts: same captions, fixed seeds.
     assert record["prompts"] == [c for _, c in zip(range(2), SyntheticReference(2, 9, 16, 16).load()[1])]
     assert record["seeds"] == [0, 1]
+    assert record["fvd_protocol"]["name"] == "original_tf1 (clip_length=9)"
+    assert record["fvd_protocol"]["resize"] == "tf1_bilinear" and "fake/stuttering" in metrics
     grid = Image.open(tmp_path / "eval" / f"step_{record['step']:07d}_grid.png")
     assert grid.size == (9 * 16 * 4 + 8, 2 * 16 * 4)  # 9 frames per row, 2 prompts stacked, upscale 4, 1 px gaps
     # Repeating the evaluation reuses the reference statistics and regenerates the same seeded videos.
@@ -147,6 +149,8 @@ def test_evaluate_takes_one_file_per_predicted_sample(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "needs clips of at least 16 frames and at least 2 of them per set" in err
     assert "has 3 readable videos of 8-8 frames" in err and "--no-fvd" in err
+    assert main(args + ["--no-fvd", "--no-temporal"]) == 2
+    assert "nothing to compute" in capsys.readouterr().err
     assert main(args + ["--no-fvd"]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert report["fake_videos"] == 3 and report["real_videos"] == 3
@@ -155,7 +159,7 @@ def test_evaluate_takes_one_file_per_predicted_sample(tmp_path, capsys):
 
 
 def test_evaluate_records_the_fvd_protocol_and_flags_stuttering_and_static_samples(tmp_path, capsys):
-    for i in range(3):
+    for i in range(2):  # FVD's minimum; each clip is a random-I3D pass at 224x224
         write_video(tmp_path / "real" / f"clip_{i}.mp4", texture_pan(16, seed=i), fps=8)
     stuttered = texture_pan(16, seed=5)
     stuttered[:, 1::2] = stuttered[:, 0::2]  # every other frame a copy of its predecessor
