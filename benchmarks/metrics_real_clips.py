@@ -6,7 +6,8 @@ frame-repetition flags of all three versions, and FVD (real TF-Hub I3D, 16-frame
 set against the originals, next to FVD of the originals against themselves (0 by definition). Clips shorter than 16
 frames are left out of FVD only. Needs the I3D weights for FVD (``kinetoscope fetch-i3d``; else FVD is skipped).
 
-    python benchmarks/metrics_real_clips.py [--videos ../shared/data/videos] [--max-frames 64]
+    python benchmarks/metrics_real_clips.py [--videos ../shared/data/videos] [--max-frames 64] [--no-fvd]
+        [--flow-max-size 256]
 
 Writes benchmarks/results/metrics_real_clips/<time>-<commit>.json (benchmarks/results_store.py).
 """
@@ -51,6 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", default=str(REPO.parent / "shared" / "data" / "videos"))
     parser.add_argument("--max-frames", type=int, default=64)
+    parser.add_argument("--no-fvd", action="store_true", help="temporal metrics and repetition flags only")
+    parser.add_argument("--flow-max-size", type=int, default=256, help="optical flow on frames at most this big")
     args = parser.parse_args()
     source = Path(args.videos)
     manifest = source / "manifest.csv"
@@ -61,11 +64,11 @@ def main() -> None:
     scored = 0
 
     start = time.perf_counter()
-    temporal = VideoMetricSuite(None)
-    stuttered_suite = VideoMetricSuite(None)
+    temporal = VideoMetricSuite(None, flow_max_size=args.flow_max_size)
+    stuttered_suite = VideoMetricSuite(None, flow_max_size=args.flow_max_size)
     fvd_results: dict[str, float | int | str] = {}
     try:
-        fvd = FrechetVideoDistance(load_i3d(), batch_size=1)
+        fvd = None if args.no_fvd else FrechetVideoDistance(load_i3d(), batch_size=1)
     except I3DWeightsMissingError as e:
         fvd, fvd_results["skipped"] = None, str(e)
     real_features, shuffled_features = [], []
@@ -109,12 +112,13 @@ def main() -> None:
         "videos": scored,
         "skipped": skipped,
         "max_frames": args.max_frames,
+        "flow_max_size": args.flow_max_size,
         "temporal_ordered": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("real/")},
         "temporal_shuffled": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("fake/")},
         "temporal_stuttered": {k.split("/", 1)[1]: v for k, v in stuttered_results.items()},
         "temporal_seconds": round(temporal_s, 1),
         **fvd_results,
-        "note": "2 shared CPU cores; flow on frames downscaled to <= 256 px",
+        "note": f"2 shared CPU cores; flow on frames downscaled to <= {args.flow_max_size} px",
     }
     print(json.dumps(result, indent=2))
     print(f"wrote {save_result('metrics_real_clips', result)}")
