@@ -29,7 +29,8 @@ from benchmarks.results_store import save_result  # noqa: E402
 from framework.data.manifest import read_manifest  # noqa: E402
 from framework.metrics.evaluation import VideoMetricSuite
 from framework.metrics.fvd import FrechetVideoDistance
-from framework.metrics.i3d_weights import I3DWeightsMissingError, load_i3d
+from framework.metrics.i3d_weights import I3DWeightsMissingError, load_i3d  # noqa: E402
+from framework.metrics.temporal import frame_repetition, temporal_flickering  # noqa: E402
 from framework.data.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--max-frames", type=int, default=64)
     parser.add_argument("--no-fvd", action="store_true", help="temporal metrics and repetition flags only")
     parser.add_argument("--flow-max-size", type=int, default=256, help="optical flow on frames at most this big")
+    parser.add_argument("--repetition-only", action="store_true",
+                        help="only the per-clip repetition flags and flickering (no optical flow, no FVD): seconds")
     args = parser.parse_args()
     source = Path(args.videos)
     manifest = source / "manifest.csv"
@@ -68,10 +71,11 @@ def main() -> None:
     stuttered_suite = VideoMetricSuite(None, flow_max_size=args.flow_max_size)
     fvd_results: dict[str, float | int | str] = {}
     try:
-        fvd = None if args.no_fvd else FrechetVideoDistance(load_i3d(), batch_size=1)
+        fvd = None if args.no_fvd or args.repetition_only else FrechetVideoDistance(load_i3d(), batch_size=1)
     except I3DWeightsMissingError as e:
         fvd, fvd_results["skipped"] = None, str(e)
     real_features, shuffled_features = [], []
+    per_clip: dict[str, dict] = {}
     fvd_s = 0.0
     for i, path in enumerate(tqdm(paths, desc="scoring", unit="video")):
         if path.suffix.lower() not in VIDEO_SUFFIXES:
@@ -83,17 +87,24 @@ def main() -> None:
             skipped[path.name] = e.reason
             continue
         scored += 1
-        shuffled = shuffle_time(video, i)
+        shuffled, held = shuffle_time(video, i), stutter(video)
+        per_clip[path.name] = {
+            "original": frame_repetition(video), "stuttered": frame_repetition(held),
+            "frozen": frame_repetition(video[:, :1].expand_as(video)),
+            "temporal_flickering": {"original": temporal_flickering(video), "stuttered": temporal_flickering(held)},
+        }
+        if args.repetition_only:
+            continue
         temporal.update([video], real=True)  # "real" = in order, "fake" = shuffled
         temporal.update([shuffled], real=False)
-        stuttered_suite.update([stutter(video)], real=False)
+        stuttered_suite.update([held], real=False)
         if fvd is not None and video.shape[1] >= 16:
             fvd_start = time.perf_counter()
             real_features.append(fvd.extract_features([video]))  # [1, 400]
             shuffled_features.append(fvd.extract_features([shuffled]))  # [1, 400]
             fvd_s += time.perf_counter() - fvd_start
-    temporal_results = temporal.compute()
-    stuttered_results = stuttered_suite.compute()
+    temporal_results = {} if args.repetition_only else temporal.compute()
+    stuttered_results = {} if args.repetition_only else stuttered_suite.compute()
     temporal_s = time.perf_counter() - start - fvd_s
 
     if fvd is not None:
@@ -116,6 +127,13 @@ def main() -> None:
         "temporal_ordered": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("real/")},
         "temporal_shuffled": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("fake/")},
         "temporal_stuttered": {k.split("/", 1)[1]: v for k, v in stuttered_results.items()},
+        "repetition_summary": {
+            version: {flag: sum(clip[version][flag] for clip in per_clip.values()) for flag in ("stuttering", "static")}
+            for version in ("original", "stuttered", "frozen")
+        },
+        "stutter_improves_flickering": sum(c["temporal_flickering"]["stuttered"] > c["temporal_flickering"]["original"]
+                                           for c in per_clip.values()),
+        "per_clip": per_clip,
         "temporal_seconds": round(temporal_s, 1),
         **fvd_results,
         "note": f"2 shared CPU cores; flow on frames downscaled to <= {args.flow_max_size} px",
