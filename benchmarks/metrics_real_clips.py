@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results_store import save_result  # noqa: E402
 from framework.data.manifest import read_manifest  # noqa: E402
-from framework.metrics.evaluation import VideoMetricSuite
-from framework.metrics.fvd import FrechetVideoDistance
+from framework.metrics.evaluation import VideoMetricSuite  # noqa: E402
+from framework.metrics.fvd import FrechetVideoDistance  # noqa: E402
 from framework.metrics.i3d_weights import I3DWeightsMissingError, load_i3d  # noqa: E402
 from framework.metrics.temporal import frame_repetition, temporal_flickering  # noqa: E402
-from framework.data.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video
+from framework.data.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
