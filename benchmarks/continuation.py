@@ -35,14 +35,21 @@ from pathlib import Path
 import torch
 
 from framework.data.synthetic import SyntheticMovingShapes, render_clip
-from framework.generation.frame_conditioning import FrameCondition, token_mask, ungiven_frames
+from framework.generation.frame_conditioning import FrameCondition, token_mask, ungiven_frames, with_given_tokens
 from framework.metrics.motion_probe import score_clip
 from framework.modules import VideoDiffusion
-from framework.modules.video_diffusion import with_given_tokens
 from framework.core.registry import default_registry
+from framework.training.ema import load_averaged_weights
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "continuation.json"
+
+
+def load_with_average(path: str) -> VideoDiffusion:
+    """A checkpoint's model with its EMACallback average loaded (the weights predict generates with)."""
+    model = VideoDiffusion.load_from_checkpoint(path, map_location="cpu").eval()
+    load_averaged_weights(model, torch.load(path, map_location="cpu", weights_only=True))
+    return model
 
 
 def continue_clips(model: VideoDiffusion, videos: list[torch.Tensor], captions: list[str], context: int,
@@ -67,7 +74,8 @@ def context_frames_kept(model: VideoDiffusion, video: torch.Tensor, context: int
     latent = model.compressor.encode(video[None])[0]  # [c, t, h, w]
     t_context = model.compressor.latent_shape(context, video.shape[2], video.shape[3])[0]
     mask = torch.arange(latent.shape[1]) < t_context
-    if model.given_channels(model.frame_embedding, [latent], [mask]) is not None:
+    embedding = model.frame_embedding
+    if embedding is not None and embedding.given_channels(model.patcher, [latent], [mask], model.device) is not None:
         return t_context  # given as channels: every frame reaches the model, whole tokens or not
     return t_context - ungiven_frames(model.patcher, [tuple(latent.shape)], [mask])[0]
 
@@ -77,15 +85,17 @@ def context_loss_gain(model: VideoDiffusion, videos: list[torch.Tensor], caption
     """The model's own training loss on the frames after the context, with the context given vs not given (same
     timesteps and noise): how much the given frames help it denoise the rest. Tokens that hold both given and
     generated frames (8-frame tubes with ``channels``) stay in the loss, given frames included."""
-    denoiser, conditioner = model.sampling_modules()
-    marker = model.sampling_frame_marker()
+    pipeline = model.pipeline()  # the weights generation uses (EMA when on)
+    denoiser, conditioner, embedding = pipeline.denoiser, pipeline.conditioner, pipeline.frame_embedding
+    marker = embedding.marker if embedding is not None else None
     latents = [model.compressor.encode(v[None])[0] for v in videos]  # [c, t, h, w] each
     clean = model.patcher.patchify(latents)
     shapes = [tuple(model.compressor.encode(v[None])[0].shape) for v in videos]
     t_context = model.compressor.latent_shape(context, videos[0].shape[2], videos[0].shape[3])[0]
     masks = [torch.arange(shape[1]) < t_context for shape in shapes]
     given = token_mask(model.patcher, shapes, masks)  # [N]
-    channels = model.given_channels(model.sampling_frame_embedding(), latents, masks)  # None without channels
+    channels = (embedding.given_channels(model.patcher, latents, masks, model.device)
+                if embedding is not None else None)  # None without channels
     cond = conditioner(captions)
     plain = lambda x, t: denoiser(x, t, cond)  # noqa: E731
     with_context = with_given_tokens(plain, given, clean.tokens, marker, channels)
@@ -121,8 +131,7 @@ def main() -> None:
             raise SystemExit(f"no checkpoint at {path}: see the commands in this script's docstring")
     default_registry()
     torch.set_grad_enabled(False)
-    conditioned = VideoDiffusion.load_from_checkpoint(args.conditioned, map_location="cpu").eval()
-    baseline = VideoDiffusion.load_from_checkpoint(args.baseline, map_location="cpu").eval()
+    conditioned, baseline = (load_with_average(path) for path in (args.conditioned, args.baseline))
     held_out = SyntheticMovingShapes(num_samples=args.clips, sizes=[(args.frames, 16, 16)], seed=987654)
     specs = [held_out.spec(i) for i in range(args.clips)]
     videos = [render_clip(spec) for spec in specs]  # [3, T, 16, 16] each

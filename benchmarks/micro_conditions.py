@@ -33,6 +33,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from framework.training.ema import EMACallback
 from framework.data.datamodules import SyntheticVideoDataModule
 from framework.data.synthetic import SyntheticMovingShapes
 from framework.metrics.motion_probe import track_object
@@ -57,26 +58,26 @@ def build(micro: bool) -> VideoDiffusion:
         DiT(width=128, depth=4, num_heads=4, micro_conditions=[MicroCondition.FPS] if micro else None),
         HashedTextConditioner(width=64, depth=1, num_heads=4, caption_dropout=0.1),
         RectifiedFlow(shift=3.0, prediction=FlowPrediction.CLEAN),
-        learning_rate=2e-3, warmup_steps=100, cosine_decay=False, fused_optimizer=True, ema_decay=0.995, sampling_steps=25, guidance_scale=4.0,
+        learning_rate=2e-3, warmup_steps=100, cosine_decay=False, fused_optimizer=True, sampling_steps=25, guidance_scale=4.0,
     )
 
 
-def train(model: VideoDiffusion, steps: int, batch_size: int) -> float:
+def train(model: VideoDiffusion, steps: int, batch_size: int) -> tuple[float, EMACallback]:
     data = SyntheticVideoDataModule(num_samples=steps * batch_size, sizes=[CLIP], speed=1, fps=8.0,
                                     frame_rates=FRAME_RATES, batch_size=batch_size, seed=0)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0)
+                        gradient_clip_val=1.0, callbacks=[ema := EMACallback(decay=0.995)])
     start = time.perf_counter()
     L.seed_everything(0, verbose=False)
     trainer.fit(model, datamodule=data)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, ema
 
 
 def denoising_loss(model: VideoDiffusion, videos: list[torch.Tensor], captions: list[str], fps: list[float],
                    repeats: int) -> float:
     """Mean training loss of the EMA weights with these frame rates (same timesteps and noise for every call)."""
-    denoiser, conditioner = model.sampling_modules()
+    denoiser, conditioner = model.denoiser, model.conditioner  # the EMA weights while train() has them swapped in
     clean = model.encode(videos)
     cond = conditioner(captions)
     if denoiser.micro_conditions:
@@ -116,9 +117,9 @@ def main() -> None:
     results = {}
     for name, micro in (("fps_conditioned", True), ("baseline", False)):
         model = build(micro)
-        fit_s = train(model, args.steps, args.batch_size)
+        fit_s, ema = train(model, args.steps, args.batch_size)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), ema.averaged_weights(model):
             report = {
                 "fit_s": round(fit_s, 1),
                 "denoising_loss_true_fps": round(denoising_loss(model, videos, captions, true_fps,

@@ -8,6 +8,7 @@ caption. Also reports how steadily the object moves (monotonic steps) and how mu
 
     python benchmarks/quickstart_learning.py            # train + evaluate, writes benchmarks/results/quickstart_learning.json
     python benchmarks/quickstart_learning.py --skip-train   # evaluate the existing runs/quickstart checkpoint
+    python benchmarks/quickstart_learning.py --run-dir /tmp/qs [--skip-train]   # the run (its checkpoints) elsewhere
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from framework.training.ema import load_averaged_weights
 from framework.cli.lightning_cli import cli_main
+from framework.cli.run_paths import last_checkpoint_folders, last_checkpoints
 from framework.data.synthetic import BACKGROUND_COLOURS, DIRECTIONS, OBJECT_COLOURS, SHAPES
 from framework.metrics.motion_probe import score_clip
 
@@ -39,7 +42,8 @@ def run_quickstart(config: Path, run_dir: Path) -> dict:
     for name, args in (("fit", ["fit", "-c", str(config)]),
                        ("predict", ["predict", "-c", str(config), "--ckpt_path", "last"])):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "framework.cli.main", *args, "--trainer.enable_progress_bar=false"],
+        subprocess.run([sys.executable, "-m", "framework.cli.main", *args, "--trainer.enable_progress_bar=false",
+                        f"--trainer.default_root_dir={run_dir}"],  # the whole run, checkpoints included, goes there
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         timings[f"{name}_s"] = round(time.perf_counter() - start, 1)
     timings["total_s"] = round(timings["fit_s"] + timings["predict_s"], 1)
@@ -82,9 +86,22 @@ def build_model(config: Path, checkpoint: Path | None):
     cli = cli_main(["-c", str(config), "--trainer.logger=false"], run=False)
     model = cli.model
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-        model.load_state_dict(state)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.on_load_checkpoint(state)  # a former in-module EMA (ema.*) moves to the EMACallback state
+        model.load_state_dict(state["state_dict"])
+        load_averaged_weights(model, state)  # generate with the EMA weights, as predict does
     return model.eval()
+
+
+def last_checkpoint(config: Path, run_dir: Path) -> Path:
+    """The checkpoint ``kinetoscope predict --ckpt_path last`` would load for the run in ``run_dir`` (the newest
+    ``last*.ckpt``, found by the CLI's own lookup); exits naming the folder when there is none."""
+    cli = cli_main(["-c", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={run_dir}"], run=False)
+    found = last_checkpoints(cli.trainer)
+    if not found:
+        raise SystemExit(f"quickstart_learning: no last*.ckpt in {', '.join(last_checkpoint_folders(cli.trainer))}; "
+                         "train first (without --skip-train) or point --run-dir at a trained run")
+    return Path(max(found, key=os.path.getmtime))
 
 
 def main() -> None:
@@ -96,9 +113,10 @@ def main() -> None:
     args = parser.parse_args()
 
     timings = None if args.skip_train else run_quickstart(args.config, args.run_dir)
+    checkpoint = last_checkpoint(args.config, args.run_dir)
+    print(f"scoring {checkpoint}", flush=True)
     sizes = [(8, 16, 16), (8, 16, 24), (8, 24, 16)]
     prompts = evaluation_prompts(sizes)
-    checkpoint = args.run_dir / "checkpoints/last.ckpt"
     L.seed_everything(0, verbose=False)
     untrained = evaluate(build_model(args.config, None), prompts)
     trained = evaluate(build_model(args.config, checkpoint), prompts)
@@ -110,6 +128,7 @@ def main() -> None:
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                  text=True).stdout.strip(),
         "config": str(args.config.relative_to(ROOT)),
+        "checkpoint": str(checkpoint),
         "quickstart_timing": timings,
         "chance": {"colour_accuracy": round(1 / len(OBJECT_COLOURS), 4),
                    "direction_accuracy": round(1 / len(DIRECTIONS), 4),

@@ -1,7 +1,7 @@
 """Reliability counts: runs killed and resumed, checkpoint writes killed, bad inputs tried, faults injected, data lost.
 
-Four parts, all on CPU with the tiny config ``tests/reliability/tiny.yaml`` (DiT width 32, 6 batches per epoch,
-checkpoints every 2 steps through ``SafeCheckpointIO``, 20 steps):
+Five parts, all on CPU; parts 1-2 with the tiny config ``tests/reliability/tiny.yaml`` (DiT width 32, 6 batches per
+epoch, checkpoints every 2 steps through ``SafeCheckpointIO``, 20 steps):
 
 1. **Kill and resume.** One uninterrupted ``kinetoscope fit`` run is the reference. Other runs are SIGKILLed once
    their loss log reaches a given step, resumed with ``--ckpt_path last``, and their per-step losses compared with
@@ -12,10 +12,16 @@ checkpoints every 2 steps through ``SafeCheckpointIO``, 20 steps):
    and after every kill the file must verify against its digest and load with ``weights_only``.
 3. **Bad data.** The hypothesis fuzz of ``tests/test_reliability_fuzz.py`` with more examples, plus every fault kind
    once per manifest format: bad rows tried, reported, good rows lost.
-4. **Numeric and config faults.** ``tests/test_reliability_numeric.py`` and ``tests/test_reliability_config.py``
+4. **Bad data through fit.** Manifests drawn by the same strategies (plus every fault kind once per format), each
+   trained for one epoch by a real ``kinetoscope fit`` (``tests/reliability/tiny_manifest.yaml``) with
+   ``num_workers`` 0 and 2, in a process that has decoded a video first: crashes (an error exit), hangs (still
+   running at ``--fit-timeout``), bad rows missing from the run's ``skipped_samples.json``, good rows never trained.
+   The goal is 0 of each.
+5. **Numeric and config faults.** ``tests/test_reliability_numeric.py`` and ``tests/test_reliability_config.py``
    (the faults each injects are listed below), run with pytest.
 
-    python benchmarks/reliability.py            # -> benchmarks/results/reliability.json (about 3-5 minutes)
+    python benchmarks/reliability.py     # -> benchmarks/results/reliability/<time>-<commit>.json (10-30 minutes)
+    python benchmarks/reliability.py --parts fit_fuzz --fit-examples 4      # only part 4
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -37,7 +42,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "reliability" / "tiny.yaml"
-RESULTS = REPO / "benchmarks" / "results" / "reliability.json"
 MAX_STEPS = 20
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
 
@@ -46,6 +50,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchmarks.results_store import save_result  # noqa: E402
 from framework.training.checkpointing import load_checkpoint_safely  # noqa: E402
 from framework.training.reliability import read_loss_log  # noqa: E402
 
@@ -196,7 +201,66 @@ def bad_data(max_examples: int) -> dict:
     return result
 
 
-# ------------------------------------------------------------------------------------- 4. numeric / config faults
+# ------------------------------------------------------------------------------------ 4. bad data through fit
+def bad_data_through_fit(examples: int, timeout_s: float) -> dict:
+    import tempfile as _tempfile
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    import test_reliability_fuzz as fuzz
+    from reliability.bad_data import FILE_FAULTS, ROW_FAULTS, Fault, row_fault_possible
+
+    runs: list[dict] = []
+    with _tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        media = fuzz.write_good_media(work / "media")
+
+        def fit_both(suffix: str, bad: list, good_at: list[int], label: str) -> None:
+            for num_workers in (0, 2):
+                folder = work / f"fit{len(runs)}"
+                outcome = fuzz.check_fit(folder, media, suffix, bad, good_at, num_workers, timeout_s)
+                record = {"manifest": label, "suffix": suffix, "num_workers": num_workers,
+                          "faults": [f.kind for f in bad if row_fault_possible(f.kind, suffix)],
+                          **{k: v for k, v in vars(outcome).items() if k != "output_tail"}}
+                if not outcome.ok:
+                    record["output_tail"] = outcome.output_tail
+                runs.append(record)
+                status = "ok" if outcome.ok else "HANG" if outcome.hung else "CRASH" if outcome.crashed else "WRONG"
+                print(f"  fit {label:10s} {suffix:6s} workers={num_workers}: {outcome.bad_rows} bad rows, {status}, "
+                      f"{outcome.seconds} s", flush=True)
+
+        @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(suffix=st.sampled_from([".csv", ".jsonl"]), bad=st.lists(fuzz.faults, min_size=1, max_size=6),
+               good_at=st.lists(st.integers(0, 6), min_size=3, max_size=3))
+        def fuzz_fits(suffix, bad, good_at) -> None:  # outcomes are counted, never raised (so nothing shrinks)
+            fit_both(suffix, bad, good_at, f"drawn{sum(r['num_workers'] == 0 for r in runs)}")
+
+        fuzz_fits()
+        for suffix in (".csv", ".jsonl"):
+            fit_both(suffix, [Fault(k) for k in FILE_FAULTS + ROW_FAULTS], [0, 3, 99], "every_kind")
+
+    def totals(selected: list[dict]) -> dict:
+        return {"fits": len(selected), "crashes": sum(r["crashed"] for r in selected),
+                "hangs": sum(r["hung"] for r in selected),
+                "bad_rows_tried": sum(r["bad_rows"] for r in selected),
+                "bad_rows_unreported": sum(len(r["unreported"]) for r in selected),
+                "paths_wrongly_reported": sum(len(r["wrongly_reported"]) for r in selected),
+                "good_rows_lost": sum(len(r["good_rows_lost"]) for r in selected),
+                "non_finite_losses": sum(r["non_finite_losses"] for r in selected),
+                "seconds_per_fit": sorted(r["seconds"] for r in selected)}
+
+    result = {"timeout_s": timeout_s, "decoded_in_parent_first": True, **totals(runs),
+              "by_num_workers": {str(w): totals([r for r in runs if r["num_workers"] == w]) for w in (0, 2)},
+              "runs": runs}
+    print(f"  bad data through fit: {result['fits']} fits, {result['crashes']} crashes, {result['hangs']} hangs, "
+          f"{result['bad_rows_unreported']} of {result['bad_rows_tried']} bad rows unreported, "
+          f"{result['good_rows_lost']} good rows lost")
+    return result
+
+
+# ------------------------------------------------------------------------------------- 5. numeric / config faults
 NUMERIC_FAULTS = {"nan_pixels_batch": 1, "inf_gradient": 1, "nan_every_step_until_limit": 3, "nan_weights_at_save": 1}
 CONFIG_FAULTS = {"malformed_yaml": 1, "yaml_not_a_mapping": 1, "unknown_trainer_key": 1, "unknown_plugin_argument": 1,
                  "unknown_plugin_name": 1, "wrong_type_trainer": 1, "wrong_type_model": 1,
@@ -213,57 +277,61 @@ def pytest_faults() -> dict:
             "pytest_summary": summary, "all_passed": proc.returncode == 0}
 
 
+PARTS = ("resume", "write_kills", "fuzz", "fit_fuzz", "faults")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--kill-steps", type=int, nargs="+", default=[3, 9, 15])
     parser.add_argument("--write-kills", type=int, default=10)
     parser.add_argument("--fuzz-examples", type=int, default=60)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--fit-examples", type=int, default=6,
+                        help="drawn manifests trained through fit (each with 0 and 2 workers), besides every kind")
+    parser.add_argument("--fit-timeout", type=float, default=300.0, help="seconds after which a fit counts as hung")
     args = parser.parse_args()
     started = time.time()
+    result: dict = {"description": "Reliability counts on CPU. See docs/reliability.md.", "parts": args.parts}
+    totals: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print("1. kill and resume")
-        resume = kill_and_resume(work, args.kill_steps)
-        print("2. kills during checkpoint writes")
-        writes = kills_during_writes(work, args.write_kills, seed=0)
-    print("3. bad data")
-    data = bad_data(args.fuzz_examples)
-    print("4. numeric and config faults")
-    faults = pytest_faults()
-    full = [t for t in resume["trials"] if t["variant"] == "full"]
-    result = {
-        "description": "Reliability counts on CPU; tiny config tests/reliability/tiny.yaml (20 steps, checkpoints "
-                       "every 2 steps). See docs/reliability.md.",
-        "command": "python benchmarks/reliability.py",
-        "machine": platform.processor() or platform.machine(),
-        "totals": {
-            "runs_killed_and_resumed": len(full),
-            "resumed_runs_with_identical_losses": sum(t["losses_identical"] for t in full),
-            "checkpoint_writes_killed": writes["kills"],
-            "checkpoints_unloadable_after_kill": writes["kills"] - writes["checkpoint_loadable_after_kill"],
-            "bad_inputs_tried": data["bad_rows_tried"],
-            "bad_inputs_reported": data["bad_rows_reported"],
-            "numeric_faults_injected": sum(NUMERIC_FAULTS.values()),
-            "config_faults_injected": sum(CONFIG_FAULTS.values()),
-            "fault_tests_passed": faults["all_passed"],
-            "data_lost": {
-                "good_rows_lost": data["good_rows_lost"],
-                # a kill loses the steps since the last checkpoint (at most every_n_train_steps = 2); more is a bug
-                "training_steps_lost_beyond_checkpoint_interval": sum(max(0, t["steps_redone"] - 2) for t in full),
-                "resumed_losses_differing": sum(not t["losses_identical"] for t in full),
-            },
-        },
-        "kill_and_resume": resume,
-        "kills_during_checkpoint_writes": writes,
-        "bad_data": data,
-        "numeric_and_config_faults": faults,
-        "seconds": round(time.time() - started, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["totals"], indent=2))
-    print(f"wrote {args.out}")
+        if "resume" in args.parts:
+            print("1. kill and resume")
+            resume = result["kill_and_resume"] = kill_and_resume(work, args.kill_steps)
+            full = [t for t in resume["trials"] if t["variant"] == "full"]
+            totals |= {"runs_killed_and_resumed": len(full),
+                       "resumed_runs_with_identical_losses": sum(t["losses_identical"] for t in full),
+                       # a kill loses the steps since the last checkpoint (every_n_train_steps = 2); more is a bug
+                       "training_steps_lost_beyond_checkpoint_interval":
+                           sum(max(0, t["steps_redone"] - 2) for t in full),
+                       "resumed_losses_differing": sum(not t["losses_identical"] for t in full)}
+        if "write_kills" in args.parts:
+            print("2. kills during checkpoint writes")
+            writes = result["kills_during_checkpoint_writes"] = kills_during_writes(work, args.write_kills, seed=0)
+            totals |= {"checkpoint_writes_killed": writes["kills"],
+                       "checkpoints_unloadable_after_kill": writes["kills"] - writes["checkpoint_loadable_after_kill"]}
+    if "fuzz" in args.parts:
+        print("3. bad data")
+        data = result["bad_data"] = bad_data(args.fuzz_examples)
+        totals |= {"bad_inputs_tried": data["bad_rows_tried"], "bad_inputs_reported": data["bad_rows_reported"],
+                   "good_rows_lost": data["good_rows_lost"]}
+    if "fit_fuzz" in args.parts:
+        print("4. bad data through fit (num_workers 0 and 2, after decoding in the parent)")
+        fits = result["bad_data_through_fit"] = bad_data_through_fit(args.fit_examples, args.fit_timeout)
+        totals |= {"fits_on_bad_data": fits["fits"], "fit_crashes": fits["crashes"], "fit_hangs": fits["hangs"],
+                   "fit_bad_rows_tried": fits["bad_rows_tried"],
+                   "fit_bad_rows_unreported": fits["bad_rows_unreported"],
+                   "fit_good_rows_lost": fits["good_rows_lost"]}
+    if "faults" in args.parts:
+        print("5. numeric and config faults")
+        faults = result["numeric_and_config_faults"] = pytest_faults()
+        totals |= {"numeric_faults_injected": sum(NUMERIC_FAULTS.values()),
+                   "config_faults_injected": sum(CONFIG_FAULTS.values()), "fault_tests_passed": faults["all_passed"]}
+    result["totals"] = totals
+    result["seconds"] = round(time.time() - started, 1)
+    path = save_result("reliability", result)
+    print(json.dumps(totals, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

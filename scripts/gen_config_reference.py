@@ -30,6 +30,8 @@ from framework.core.registry import PLUGIN_KINDS, PluginRegistry, _type_name  # 
 NON_PLUGIN_CLASSES = [
     ("model", "framework.modules.VideoDiffusion"),
     ("model", "framework.modules.compressor_training.CompressorTraining"),
+    ("model.init_args.finetuning", "framework.training.finetune.LoRA"),
+    ("model.init_args.finetuning", "framework.training.finetune.FullFineTuning"),
     ("data", "framework.data.datamodules.SyntheticVideoDataModule"),
     ("data", "framework.data.datamodules.ManifestVideoDataModule"),
     ("data", "framework.data.latent_cache.CachedLatentDataModule"),
@@ -78,7 +80,9 @@ def describe_class(cls: type, heading: str) -> list[str]:
     if doc:
         lines += [doc.split("\n\n")[0].replace("\n", " "), ""]
     init_doc = inspect.cleandoc(cls.__init__.__dict__.get("__doc__", None) or getattr(cls.__init__, "__doc__", "") or "")
-    if init_doc and "__init__" in cls.__dict__ and init_doc != inspect.cleandoc(object.__init__.__doc__ or ""):
+    owner = next(c for c in cls.__mro__ if "__init__" in c.__dict__)  # a base may hold the (documented) __init__
+    ours = owner.__module__.split(".")[0] in ("framework", "plugins") or owner is cls
+    if init_doc and ours and init_doc != inspect.cleandoc(object.__init__.__doc__ or ""):
         lines += [init_doc.replace("\n", " "), ""]
     parameters = [p for p in inspect.signature(cls).parameters.values()
                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

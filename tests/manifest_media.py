@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -112,3 +118,66 @@ def tiny_model():
 
     return VideoDiffusion(PixelCompressor(), SpacetimePatcher(1, 4, 4), DiT(width=32, depth=1, num_heads=2),
                           HashedTextConditioner(width=32, depth=1, num_heads=2), RectifiedFlow(), sampling_steps=2)
+
+
+# ---------------------------------------------------------------------------------------- fit through the CLI
+REPO = Path(__file__).resolve().parents[1]
+TINY_MANIFEST_CONFIG = REPO / "tests" / "reliability" / "tiny_manifest.yaml"
+RUN_DIR = Path("runs") / "tiny_manifest"  # the config's output folder, relative to the working directory
+# ``kinetoscope fit ...`` as a script: optionally decode a video in this process first -- what a preview, or the
+# VideoMetrics callback's reference clips, does before training starts -- then run the real CLI entry point.
+FIT_DRIVER = ("import sys\n"
+              "from framework.data.video_io import read_video\n"
+              "from framework.cli.main import main\n"
+              "if sys.argv[1]:\n"
+              "    read_video(sys.argv[1])\n"
+              "sys.exit(main(sys.argv[2:]))\n")
+
+
+@dataclass
+class FitRun:
+    returncode: int | None  # None: still running at the time limit (a hang), killed with its workers
+    output: str  # stdout and stderr
+    seconds: float
+    run_dir: Path
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """{path: reason} from the run's ``skipped_samples.json``."""
+        record = json.loads((self.run_dir / "skipped_samples.json").read_text())
+        assert record["count"] == len(record["skipped"])
+        return {entry["path"]: entry["reason"] for entry in record["skipped"]}
+
+    @property
+    def trained_ids(self) -> list[str]:
+        """Sample ids of every training step, in order (LossLog)."""
+        lines = (self.run_dir / "losses.jsonl").read_text().splitlines()
+        return [i for line in lines if line.strip() for i in json.loads(line)["ids"]]
+
+
+def run_bounded(command: list[str], timeout_s: float, cwd: Path | None = None) -> tuple[int | None, str]:
+    """Run ``command`` in its own session -> (exit code, stdout + stderr); exit code None when it was still running
+    after ``timeout_s`` (a hang): then it is killed with every process it started (DataLoader workers, a fork
+    server), so a hang fails the caller instead of blocking it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return None, output
+
+
+def run_fit(cwd: Path, manifest: Path, *extra: str, num_workers: int, timeout_s: float,
+            decode_first: Path | None = None, config: Path = TINY_MANIFEST_CONFIG) -> FitRun:
+    """``kinetoscope fit -c config --data.init_args.manifest=... --data.init_args.num_workers=...`` in a fresh
+    process in ``cwd`` (``run_bounded``), after decoding ``decode_first`` in that process when given."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-c", FIT_DRIVER, str(decode_first or ""), "fit", "-c", str(config),
+               f"--data.init_args.manifest={manifest}", f"--data.init_args.num_workers={num_workers}", *extra]
+    started = time.monotonic()
+    returncode, output = run_bounded(command, timeout_s, cwd)
+    return FitRun(returncode, output, time.monotonic() - started, cwd / RUN_DIR)

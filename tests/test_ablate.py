@@ -187,3 +187,30 @@ def test_ablation_writes_report_and_resumes(tmp_path) -> None:
     assert [line for line in logged if "training" in line] == ["[2/4] sampler-ddim__seed1: training"]
     without_time = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert without_time(resumed) == without_time(results)  # same seed, same config: the same numbers again
+
+
+@pytest.mark.slow
+def test_finished_runs_are_keyed_by_their_resolved_config(tmp_path, capsys) -> None:
+    """Through `kinetoscope ablate`: the same arguments after `--` skip the finished run; changed ones train it again
+    and the report states (and shows the results of) what actually ran."""
+    axis = tmp_path / "sampler"
+    axis.mkdir()
+    (axis / "rectified_flow.yaml").write_text((ABLATIONS / "sampler" / "rectified_flow.yaml").read_text())
+    output = tmp_path / "ablation"
+
+    def ablate(steps: int) -> tuple[str, list[dict]]:
+        capsys.readouterr()
+        assert main(["ablate", "-c", str(BASE), "--axis", str(axis), "-o", str(output), "--probe-clips", "0", "--",
+                     f"--trainer.max_steps={steps}", "--trainer.log_every_n_steps=1"]) == 0
+        with open(output / "results.csv", newline="") as f:
+            return capsys.readouterr().out, list(csv.DictReader(f))
+
+    out, rows = ablate(1)
+    assert "training" in out and [r["steps"] for r in rows] == ["1"]
+    out, rows = ablate(1)
+    assert "done with this config, skipped" in out and [r["steps"] for r in rows] == ["1"]
+    out, rows = ablate(2)
+    assert "config changed since it finished, training again" in out and [r["steps"] for r in rows] == ["2"]
+    run_dir = output / "runs" / "sampler-rectified_flow__seed0"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == 2
+    assert "`--trainer.max_steps=2 --trainer.log_every_n_steps=1`" in (output / "results.md").read_text()

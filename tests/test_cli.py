@@ -60,6 +60,11 @@ def failure_text(args: list[str], capsys) -> str:
     return f"{info.value}\n{out.out}\n{out.err}"
 
 
+def run_root(config: Path) -> Path:
+    """The config's ``trainer.default_root_dir``: its relative output folders lie under it."""
+    return Path(yaml.safe_load(config.read_text())["trainer"]["default_root_dir"])
+
+
 def write_overlay(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -98,18 +103,18 @@ def trained(tmp_path_factory):
     return run_dir, cli
 
 
-def test_checkpoint_dir_is_relative_and_lands_in_the_working_directory(trained) -> None:
+def test_checkpoint_dir_is_relative_and_lands_under_the_run_root(trained) -> None:
     run_dir, _ = trained
     dirpath = callback_args(QUICKSTART, "ModelCheckpoint")["dirpath"]
     assert not Path(dirpath).is_absolute()
-    assert (run_dir / dirpath / "last.ckpt").is_file()
+    assert (run_dir / run_root(QUICKSTART) / dirpath / "last.ckpt").is_file()
 
 
 def test_predict_writes_decodable_videos(trained, monkeypatch) -> None:
     run_dir, _ = trained
     monkeypatch.chdir(run_dir)
     writer = callback_args(QUICKSTART, "VideoWriter")
-    upscale, out_dir = writer["upscale"], run_dir / writer["output_dir"]
+    upscale, out_dir = writer["upscale"], run_dir / run_root(QUICKSTART) / writer["output_dir"]
     assert upscale == 8
     cli_main(
         ["predict", "-c", str(QUICKSTART), "--ckpt_path", "last",
@@ -132,7 +137,7 @@ def test_predict_writes_decodable_videos(trained, monkeypatch) -> None:
 
 def test_prediction_index_has_one_row_per_prompt(trained, tmp_path, monkeypatch) -> None:
     run_dir, _ = trained
-    dirpath = callback_args(QUICKSTART, "ModelCheckpoint")["dirpath"]
+    dirpath = run_root(QUICKSTART) / callback_args(QUICKSTART, "ModelCheckpoint")["dirpath"]
     (tmp_path / dirpath).mkdir(parents=True)
     shutil.copy(run_dir / dirpath / "last.ckpt", tmp_path / dirpath / "last.ckpt")
     monkeypatch.chdir(tmp_path)
@@ -143,7 +148,7 @@ def test_prediction_index_has_one_row_per_prompt(trained, tmp_path, monkeypatch)
          "--data.init_args.prompts.frames=8", "--data.init_args.prompts.height=8",
          "--data.init_args.prompts.width=8", "--model.init_args.sampling_steps=2", *QUIET]
     )
-    out_dir = tmp_path / callback_args(QUICKSTART, "VideoWriter")["output_dir"]
+    out_dir = tmp_path / run_root(QUICKSTART) / callback_args(QUICKSTART, "VideoWriter")["output_dir"]
     rows = [json.loads(line) for line in (out_dir / "index.jsonl").read_text().splitlines() if line.strip()]
     assert [r["caption"] for r in rows] == [captions[0], captions[0], captions[1], captions[1]]
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
@@ -159,7 +164,7 @@ def test_checkpoint_restores_the_same_model(trained) -> None:
 
     run_dir, cli = trained
     default_registry()
-    dirpath = callback_args(QUICKSTART, "ModelCheckpoint")["dirpath"]
+    dirpath = run_root(QUICKSTART) / callback_args(QUICKSTART, "ModelCheckpoint")["dirpath"]
     loaded = VideoDiffusion.load_from_checkpoint(run_dir / dirpath / "last.ckpt", weights_only=True)
     for name in BUILTIN_PLUGINS:
         assert type(getattr(loaded, name)) is type(getattr(cli.model, name)), name

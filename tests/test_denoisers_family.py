@@ -10,7 +10,7 @@ from framework.core.interfaces import Conditioning, DenoiserIO
 from framework.layers.packing import PackedSequence
 from tests.denoiser_fixtures import random_conditioning, random_denoiser
 from plugins.denoisers.mmdit import MMDiT
-from plugins.denoisers.presets import PRESET_SIZES, Preset, TransformerSize, resolve_size
+from framework.layers.presets import PRESET_SIZES, Preset, TransformerSize, resolve_size
 from plugins.denoisers.st_dit import AttentionAxis, GroupedLayout, STDiT
 from plugins.samplers.rectified_flow import RectifiedFlow
 from plugins.samplers.rectified_flow_heun import RectifiedFlowHeun

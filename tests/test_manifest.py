@@ -3,8 +3,10 @@ videos, and bad files skipped, counted and reported with their paths while every
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +24,16 @@ from framework.data.manifest import (
     load_image,
     read_manifest,
 )
-from manifest_media import frame_numbers, mixed_media, tiny_model, write_manifest, write_numbered_mp4, write_still
+from manifest_media import (
+    frame_numbers,
+    mixed_media,
+    run_bounded,
+    run_fit,
+    tiny_model,
+    write_manifest,
+    write_numbered_mp4,
+    write_still,
+)
 
 SMALL_BUCKETS = BucketConfig(resolutions=[16, 24], aspect_ratios=[16 / 9, 1.0, 9 / 16], frame_counts=[1, 4, 8],
                              size_multiple=8, aspect_tolerance=0.25)
@@ -220,8 +231,12 @@ def test_images_and_videos_train_in_one_run_and_bad_files_are_reported(media, tm
     report = next(cb for cb in trainer.callbacks if isinstance(cb, SkippedSamplesReport))
     assert sorted(Path(p).name for p in report.last_report.paths) == sorted(broken)
     assert trainer.callback_metrics["data/skipped_samples"] == len(broken)
-    epoch_reports = [r.message for r in caplog.records if "skipped" in r.message]
+    epoch_reports = [r.message for r in caplog.records if r.message.startswith("epoch ")]
     assert len(epoch_reports) == 2 and all(name in epoch_reports[-1] for name in broken)
+    assert any(f"{len(broken)} files skipped in this run" in r.message for r in caplog.records)
+    written = json.loads((tmp_path / "skipped_samples.json").read_text())  # the run's output folder
+    assert written["count"] == len(broken)
+    assert sorted(Path(e["path"]).name for e in written["skipped"]) == sorted(broken)
 
 
 def test_datamodule_without_usable_samples_fails_listing_why(tmp_path):
@@ -259,3 +274,73 @@ def test_decode_failures_in_worker_processes_reach_the_batches(tmp_path):
     assert sorted(i for b in batches for i in b["ids"]) in (["a.mp4", "a.mp4", "c.mp4"], ["a.mp4", "c.mp4", "c.mp4"])
     skipped = [s for b in batches for s in b["skipped"]]
     assert [Path(s.path).name for s in skipped] == ["b.mp4"] and "Invalid data" in skipped[0].reason  # no index
+
+
+# ------------------------------------------------------------------------------------------ fit through the CLI
+# A CLI fit of the tiny config takes seconds on an idle machine and up to a minute or two on the shared 2-core one
+# under load; past this limit the run is taken for hung and killed with its workers.
+FIT_TIMEOUT_S = 240
+META_40 = {"fps": 8, "frames": 12, "width": 40, "height": 40}  # 40x40 clips are resized to the 32x32 bucket
+
+
+def clips_manifest(folder: Path, truncate: str | None = None) -> Path:
+    """a.mp4, b.mp4, c.mp4 (12 frames, 40x40, 8 fps) with their metadata in the manifest, as `scan` writes it, so
+    the files are not opened before training; ``truncate`` is cut in half: its header stays fine."""
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        write_numbered_mp4(folder / name, 12, 40, 40, fps=8)
+    if truncate:
+        data = (folder / truncate).read_bytes()
+        (folder / truncate).write_bytes(data[: len(data) // 2])
+    return write_manifest(folder / "m.csv", [{"path": n, "caption": f"clip {n}", **META_40}
+                                             for n in ("a.mp4", "b.mp4", "c.mp4")])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fit_skips_a_clip_truncated_after_a_good_header_and_reports_it(tmp_path, num_workers):
+    """Issue 20: the truncation shows only when a batch holding the clip is decoded; `fit` used to die there
+    (`A frozen dataclass was passed to apply_to_collection`), with and without workers."""
+    manifest = clips_manifest(tmp_path / "media", truncate="b.mp4")
+    run = run_fit(tmp_path / "run", manifest, num_workers=num_workers, timeout_s=FIT_TIMEOUT_S)
+    assert run.returncode is not None, f"fit hung for {FIT_TIMEOUT_S} s:\n{run.output[-3000:]}"
+    assert run.returncode == 0, run.output[-3000:]
+    # in the run's output file, with the reason, and printed
+    assert [Path(p).name for p in run.skipped] == ["b.mp4"] and all(run.skipped.values())  # with a reason
+    assert "1 files skipped in this run" in run.output and str(tmp_path / "media" / "b.mp4") in run.output
+    # every slot of the epoch trained: b's by another clip of its bucket
+    ids = run.trained_ids
+    assert len(ids) == 3 and set(ids) == {"a.mp4", "c.mp4"}, ids
+
+
+def test_fit_with_two_workers_after_decoding_in_the_parent_process_finishes(tmp_path):
+    """Issue 20: once the training process had decoded video (a preview, or VideoMetrics' reference clips), forked
+    workers hung forever in swscale (`avpriv_slicethread_free` under `sws_scale_frame`)."""
+    manifest = clips_manifest(tmp_path / "media")
+    run = run_fit(tmp_path / "run", manifest, num_workers=2, timeout_s=FIT_TIMEOUT_S,
+                  decode_first=tmp_path / "media" / "a.mp4")
+    assert run.returncode is not None, f"fit hung for {FIT_TIMEOUT_S} s:\n{run.output[-3000:]}"
+    assert run.returncode == 0, run.output[-3000:]
+    assert sorted(run.trained_ids) == ["a.mp4", "b.mp4", "c.mp4"]
+    assert run.skipped == {}
+
+
+FORKED_DECODE = """
+import multiprocessing, sys
+from framework.data.buckets import Bucket
+from framework.data.manifest import decode_clip
+from framework.data.video_io import read_video
+
+read_video(sys.argv[1])  # the parent converts frames first (at 40x40)
+with multiprocessing.get_context("fork").Pool(1) as pool:  # then a forked child converts at another size
+    clip = pool.apply(decode_clip, (sys.argv[1], Bucket(4, 32, 32), 0.0, 0.125))
+print(tuple(clip.shape))
+"""
+
+
+def test_decoding_in_a_forked_process_after_decoding_in_the_parent(tmp_path):
+    """A loader the user builds with fork workers (or any forked helper) must not reuse the parent's swscale
+    context either: the conversion threads it expects do not exist in the child."""
+    write_numbered_mp4(tmp_path / "a.mp4", 12, 40, 40, fps=8)
+    returncode, output = run_bounded([sys.executable, "-c", FORKED_DECODE, str(tmp_path / "a.mp4")], 120)
+    assert returncode is not None, f"decoding in a forked child hung for 120 s:\n{output[-3000:]}"
+    assert returncode == 0, output[-3000:]
+    assert output.strip().splitlines()[-1] == "(3, 4, 32, 32)"

@@ -1,8 +1,10 @@
 """The worked plugin package (examples/kinetoscope-plugin-example): its plugins are correct, and after ``pip install``
-into a fresh virtual environment they are listed by ``kinetoscope plugins`` and train from YAML by short name."""
+into a fresh virtual environment they are listed by ``kinetoscope plugins``, train from YAML by short name, and its
+config's ``predict`` writes videos."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import site
@@ -68,7 +70,7 @@ def test_midpoint_sampler_is_second_order(example_modules) -> None:
 
 
 @pytest.mark.slow
-def test_example_package_installs_into_fresh_venv_and_trains(tmp_path) -> None:
+def test_example_package_installs_into_fresh_venv_trains_and_predicts(tmp_path) -> None:
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -97,10 +99,14 @@ def test_example_package_installs_into_fresh_venv_and_trains(tmp_path) -> None:
         from framework.cli.main import main
         main(["plugins"])
         sys.stdout.flush()
-        main(["fit", "-c", {str(EXAMPLE / "configs" / "example.yaml")!r}, "--trainer.fast_dev_run=true",
-              "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-              "--trainer.callbacks=[]", "--trainer.default_root_dir={tmp_path}"])
+        config = {str(EXAMPLE / "configs" / "example.yaml")!r}
+        quiet = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                 "--trainer.enable_model_summary=false", "--trainer.default_root_dir={tmp_path / 'run'}"]
+        assert main(["fit", "-c", config, "--trainer.max_steps=1", *quiet]) == 0
         print("FIT DONE")
+        assert main(["predict", "-c", config, "--ckpt_path", "last", "--model.init_args.sampling_steps=2",
+                     *quiet]) == 0
+        print("PREDICT DONE")
         """
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
@@ -114,4 +120,10 @@ def test_example_package_installs_into_fresh_venv_and_trains(tmp_path) -> None:
             "(from kinetoscope-plugin-example)") in out
     assert "--difference_scale: float = 1.0" in out
     assert "rectified_flow  [sampler]" in out  # the built-ins still load beside it
-    assert "FIT DONE" in out
+    assert "FIT DONE" in out and "PREDICT DONE" in out
+    # the example config's predict writes its videos (it used to have no VideoWriter and wrote nothing)
+    samples = tmp_path / "run" / "samples"
+    rows = [json.loads(line) for line in (samples / "index.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == ["a red square moving right on a black background"]
+    assert {Path(f).suffix for f in rows[0]["files"]} == {".mp4", ".gif", ".png"}
+    assert all((samples / f).stat().st_size > 0 for f in rows[0]["files"])

@@ -37,11 +37,12 @@ def test_real_clips_config_trains_on_a_generated_manifest(tmp_path, monkeypatch)
     assert sorted(Path(p).name for p in cli.datamodule.skipped_samples.paths) == sorted(broken)
 
 
-def test_real_clips_config_needs_a_manifest(tmp_path, monkeypatch, capsys):
+def test_real_clips_config_needs_a_manifest_to_train(tmp_path, monkeypatch, capsys):
+    from framework.cli.main import main
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["kinetoscope"])
-    with pytest.raises(SystemExit):
-        cli_main(["fit", "-c", str(CONFIG), "--trainer.fast_dev_run=true", *QUIET])
+    assert main(["fit", "-c", str(CONFIG), "--trainer.fast_dev_run=true", *QUIET]) == 2
     assert "manifest" in capsys.readouterr().err
 
 

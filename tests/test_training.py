@@ -50,30 +50,64 @@ def test_training_lowers_the_loss_and_keeps_captions_apart() -> None:
     assert pooled_spread(model, captions) > 0.2 * spread_before
 
 
-def test_ema_weights_follow_the_exponential_average_and_are_used_for_sampling() -> None:
+def test_ema_callback_weights_are_the_ones_predict_and_video_metrics_generate_with(tmp_path) -> None:
+    """VideoDiffusion keeps no average of its own: EMACallback's is swapped in for ``predict`` (and by
+    ``ema_weights`` for the metric callbacks), and the trained weights come back afterwards."""
+    import lightning as L
+
+    from framework.data.prompts import Prompts
+    from framework.training.ema import EMACallback, ema_weights
+
     torch.manual_seed(0)
     model = VideoDiffusion(
         PixelCompressor(), SpacetimePatcher(1, 4, 4), DiT(width=32, depth=1, num_heads=2),
-        HashedTextConditioner(width=16, depth=1, num_heads=2), RectifiedFlow(), ema_decay=0.5,
+        HashedTextConditioner(width=16, depth=1, num_heads=2), RectifiedFlow(), sampling_steps=2,
     )
-    batch = next(iter(SyntheticVideoDataModule(num_samples=8, sizes=[(4, 16, 16)], batch_size=8).train_dataloader()))
-    optimizer = torch.optim.SGD(model.trained_modules().parameters(), lr=0.1)
-    head = lambda m: m.head.weight.detach().clone()  # noqa: E731 - the output layer changes from step one
-    history = []
-    for _ in range(3):
-        loss = model.training_step(batch, 0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        model.update_ema()
-        history.append(head(model.denoiser))
-    expected = history[0]  # the first update copies the weights
-    for current in history[1:]:
-        expected = 0.5 * expected + 0.5 * current
-    ema_denoiser, _ = model.sampling_modules()
-    torch.testing.assert_close(head(ema_denoiser), expected)
-    assert not torch.equal(head(ema_denoiser), history[-1])
-    assert ema_denoiser is not model.denoiser
+    assert not any(name.startswith("ema") for name, _ in model.named_parameters())
+    data = SyntheticVideoDataModule(num_samples=8, sizes=[(4, 16, 16)], batch_size=4,
+                                    prompts=Prompts(captions=["a red square moving right on a black background"],
+                                                    frames=4))
+    ema = EMACallback(decay=0.5)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[ema])
+    trainer.fit(model, data)
+    trained = model.denoiser.head.weight.detach().clone()
+    assert not torch.equal(ema.average["denoiser.head.weight"], trained)
+
+    (predicted,) = trainer.predict(model, data)
+    with ema_weights(trainer, model):  # what VideoMetrics does
+        assert torch.equal(model.denoiser.head.weight, ema.average["denoiser.head.weight"])
+        (averaged,) = model.pipeline().generate([predicted[0].request.caption], [(4, 16, 16)],
+                                                [predicted[0].request.seed])
+    assert torch.equal(model.denoiser.head.weight, trained)  # swapped back
+    (plain,) = model.pipeline().generate([predicted[0].request.caption], [(4, 16, 16)], [predicted[0].request.seed])
+    assert torch.equal(predicted[0].video, averaged) and not torch.equal(averaged, plain)
+
+
+def test_checkpoints_with_the_former_module_ema_hand_it_to_ema_callback() -> None:
+    """A checkpoint written when VideoDiffusion kept ``ema.module.*`` loads: the average becomes EMACallback's state
+    (trained parameters only) and the module state dict loads strictly."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    state = dict(model.state_dict())
+    for name, p in model.named_parameters():
+        state[f"ema.module.{name}"] = p.detach() + 1
+    state["ema.n_averaged"] = torch.tensor(7)
+    checkpoint = {"state_dict": state}
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])  # strict: no ema.* key left
+    moved = checkpoint["callbacks"]["EMACallback"]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(moved["average"]) == trained and moved["num_updates"] == 7
+    assert torch.equal(moved["average"]["denoiser.head.weight"], model.denoiser.head.weight + 1)
+    # Scripts that load a checkpoint without a trainer (benchmarks) take the average like this:
+    from framework.training.ema import load_averaged_weights
+
+    expected = model.denoiser.head.weight.detach() + 1
+    assert load_averaged_weights(model, checkpoint)
+    assert torch.equal(model.denoiser.head.weight, expected)
+    assert not load_averaged_weights(model, {"state_dict": {}})
 
 
 def test_negative_prompts_and_guidance_rescale_change_generation_and_empty_ones_do_not(tmp_path) -> None:

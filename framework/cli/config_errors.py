@@ -58,7 +58,7 @@ def check_config_files(argv: Sequence[str]) -> None:
             raise SystemExit(2)
 
 
-def _shorten_dumps(message: str) -> str:
+def shorten_dumps(message: str) -> str:
     lines = []
     for line in message.splitlines():
         if line.lstrip().startswith("Given value:") and len(line) > _DUMP_LIMIT:
@@ -88,19 +88,27 @@ def _innermost_problem(message: str) -> tuple[str, str | None, str] | None:
     return None
 
 
-def summarize_config_error(message: str) -> str:
-    """``message`` with a one-line summary first (when one can be found) and long value dumps cut short."""
+def error_summary(message: str) -> str | None:
+    """The one line that says which key (and plugin class) is wrong and how, or None when none can be found."""
     outer = re.match(r'\s*Parser key "([^"]+)"', message)
     missing_class = re.search(r"Problem with given class_path '([^']+)':\s*\n\s*((?:module '[^']+' has no attribute|"
                               r"No module named)[^\n]*)", message)
-    summary = None
     if missing_class:  # checked first: unions of several base classes list an unhelpful mismatch per base
         cls, detail = missing_class.groups()
-        summary = f"{outer.group(1) if outer else 'config'}: class_path '{cls}' cannot be imported ({detail.strip()})"
-    elif problem := _innermost_problem(message):
+        return f"{outer.group(1) if outer else 'config'}: class_path '{cls}' cannot be imported ({detail.strip()})"
+    if problem := _innermost_problem(message):
         key, cls, detail = problem
-        summary = f"{key or cls}{f' ({cls})' if cls and key else ''}: {detail}"
-    shortened = _shorten_dumps(message)
+        given = re.search(r"^\s*Given value: (.*)$", message, flags=re.MULTILINE)  # the innermost comes first
+        if "Got value" not in detail and given and len(given.group(1)) <= 80 and not given.group(1).startswith("{"):
+            detail = f"{detail}. Got value: {given.group(1)}"
+        return f"{key or cls}{f' ({cls})' if cls and key else ''}: {detail}"
+    return None
+
+
+def summarize_config_error(message: str) -> str:
+    """``message`` with a one-line summary first (when one can be found) and long value dumps cut short."""
+    summary = error_summary(message)
+    shortened = shorten_dumps(message)
     return f"{summary}\n{shortened}" if summary else shortened
 
 

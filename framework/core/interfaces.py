@@ -222,8 +222,10 @@ class Sampler(nn.Module, ABC):
     """Owns the diffusion process end to end: training timesteps, noising, target, loss weights and sampling."""
 
     @abstractmethod
-    def training_loss(self, model_fn: ModelFn, clean: PackedSequence, generator: torch.Generator | None = None) -> Tensor:
-        """Noise ``clean`` at random timesteps, call the model, return the per-sample loss ``[B]``."""
+    def training_loss(self, model_fn: ModelFn, clean: PackedSequence, generator: torch.Generator | None = None,
+                      loss_mask: Tensor | None = None) -> Tensor:
+        """Noise ``clean`` at random timesteps, call the model, return the per-sample loss ``[B]``; ``loss_mask``
+        [N] bool limits the loss to those tokens (frame conditioning leaves given frames out)."""
 
     @abstractmethod
     def sample(

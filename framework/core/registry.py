@@ -12,7 +12,9 @@ full import path. A plugin whose import fails is reported by name and skipped; t
 
 from __future__ import annotations
 
+import enum
 import inspect
+import re
 import typing
 import warnings
 from dataclasses import dataclass
@@ -52,8 +54,11 @@ class PluginInfo:
 
     @property
     def summary(self) -> str:
-        doc = inspect.cleandoc(self.cls.__dict__.get("__doc__") or "")  # the plugin's own, not its base class's
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        """The first full sentence of the plugin's own docstring (not its base class's), however it is wrapped."""
+        doc = inspect.cleandoc(self.cls.__dict__.get("__doc__") or "").strip()
+        paragraph = " ".join(doc.split("\n\n")[0].split())
+        end = re.search(r"[.!?](?=\s+[A-Z(`]|$)", paragraph)  # not "e.g. the" nor a dotted.path
+        return paragraph[: end.end()] if end else paragraph
 
     def init_arguments(self) -> list[tuple[str, str, str]]:
         """(name, type, default) of each ``__init__`` parameter, as written in the signature."""
@@ -62,9 +67,14 @@ class PluginInfo:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
             annotation = "" if p.annotation is p.empty else _type_name(p.annotation)
-            default = "(required)" if p.default is p.empty else repr(p.default)
+            default = "(required)" if p.default is p.empty else _default_text(p.default)
             rows.append((p.name, annotation, default))
         return rows
+
+
+def _default_text(default: object) -> str:
+    """A default as it is written in a config: an enum by its member name (``CLEAN``), as jsonargparse reads it."""
+    return default.name if isinstance(default, enum.Enum) else repr(default)
 
 
 def _type_name(annotation: object) -> str:

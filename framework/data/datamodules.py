@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from framework.core.errors import UsageError
 from framework.data.buckets import (
     Bucket,
     BucketConfig,
@@ -23,11 +26,15 @@ from framework.data.manifest import (
     ManifestVideoDataset,
     SkippedSamples,
     SkippedSamplesReport,
+    empty_captions_message,
     read_manifest,
 )
 from framework.data.prompts import PromptDataset, Prompts, collate_prompts, load_prompt_requests
 from framework.data.resumable import ResumableDataLoader
 from framework.data.synthetic import SyntheticMovingShapes
+from framework.data.video_io import decoding_worker_context
+
+log = logging.getLogger("kinetoscope.data")
 
 
 def collate_videos(samples: list[dict]) -> dict:
@@ -54,6 +61,21 @@ def collate_manifest(samples: list[dict]) -> dict:
     return batch
 
 
+def training_loader(dataset: Dataset, batch_sampler: Sampler[list[int]], collate_fn: Callable[[list[dict]], dict],
+                    num_workers: int, multiprocessing_context: BaseContext | None = None) -> DataLoader:
+    """The one place every data module builds its training loader: a ``ResumableDataLoader`` (its mid-epoch position
+    is saved in checkpoints, for exact resume) over ``batch_sampler``'s batches, with persistent workers when there
+    are any, started from ``multiprocessing_context`` (the platform default when None)."""
+    return ResumableDataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        multiprocessing_context=multiprocessing_context,
+    )
+
+
 class GenerationDataModule(L.LightningDataModule):
     """Base for data modules: serves ``predict`` from ``prompts``."""
 
@@ -73,21 +95,13 @@ class SyntheticVideoDataModule(GenerationDataModule):
     per frame at ``fps``), for the fps micro-condition.
     """
 
-    def __init__(
-        self,
-        num_samples: int = 2048,
-        sizes: Sequence[tuple[int, int, int]] = ((8, 16, 16), (8, 16, 24), (8, 24, 16), (4, 16, 16)),
-        object_size: int = 5,
-        speed: int = 1,
-        seed: int = 0,
-        fps: float = 8.0,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        prompts: Prompts | None = None,
-        tokens_per_batch: int | None = None,
-        geometry: TokenGeometry | None = None,
-        frame_rates: Sequence[float] | None = None,
-    ) -> None:
+    # The dataset's arguments first (passed on to SyntheticMovingShapes), then batching and prompts.
+    def __init__(self, num_samples: int = 2048,
+                 sizes: Sequence[tuple[int, int, int]] = ((8, 16, 16), (8, 16, 24), (8, 24, 16), (4, 16, 16)),
+                 object_size: int = 5, speed: int = 1, seed: int = 0, fps: float = 8.0,
+                 batch_size: int = 16, num_workers: int = 0, prompts: Prompts | None = None,
+                 tokens_per_batch: int | None = None, geometry: TokenGeometry | None = None,
+                 frame_rates: Sequence[float] | None = None) -> None:
         super().__init__(prompts)
         self.dataset = SyntheticMovingShapes(num_samples, [tuple(s) for s in sizes], object_size, speed, seed, fps,
                                              frame_rates)
@@ -104,13 +118,7 @@ class SyntheticVideoDataModule(GenerationDataModule):
         return TokenBudgetBatchSampler(tokens, self.tokens_per_batch, seed=self.seed, max_batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(  # its mid-epoch position is saved in checkpoints (exact resume)
-            self.dataset,
-            batch_sampler=self.batch_sampler(),
-            collate_fn=collate_videos,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return training_loader(self.dataset, self.batch_sampler(), collate_videos, self.num_workers)
 
 
 class Batching(str, enum.Enum):
@@ -128,11 +136,12 @@ class ManifestVideoDataModule(GenerationDataModule):
     (``batching: packed``). ``geometry`` must match the model's compressor factors and patch size. Under DDP set
     ``trainer.use_distributed_sampler=false``: the batch samplers give each rank distinct batches themselves.
     Skipped files are reported at every epoch end by ``SkippedSamplesReport`` (added to the trainer if missing).
+    ``manifest`` is needed to train; ``predict`` only generates ``prompts`` and runs without one.
     """
 
     def __init__(
         self,
-        manifest: Path,
+        manifest: Path | None = None,  # required to train; predict only needs the prompts
         buckets: BucketConfig | None = None,
         geometry: TokenGeometry | None = None,
         tokens_per_batch: int = 4096,
@@ -147,7 +156,7 @@ class ManifestVideoDataModule(GenerationDataModule):
         super().__init__(prompts)
         if tokens_per_batch < 1:
             raise ValueError(f"ManifestVideoDataModule: tokens_per_batch must be >= 1, got {tokens_per_batch}")
-        self.manifest = Path(manifest)
+        self.manifest = Path(manifest) if manifest is not None else None
         self.grid = BucketGrid(buckets or BucketConfig())
         self.geometry = geometry or TokenGeometry()
         self.bucket_tokens = {b: self.geometry.tokens(b) for b in self.grid.buckets}  # validates every bucket size
@@ -160,6 +169,9 @@ class ManifestVideoDataModule(GenerationDataModule):
     def dataset(self) -> ManifestVideoDataset:
         """Built on first use (probing files without metadata), not when a config is parsed."""
         if self._dataset is None:
+            if self.manifest is None:
+                raise UsageError("ManifestVideoDataModule: no manifest given; training needs one: "
+                                 "--data.init_args.manifest=PATH (make it with `kinetoscope scan DIR -o DIR/manifest.csv`)")
             bad_rows = SkippedSamples()  # rows that cannot be parsed are skipped and reported like bad files
             self._dataset = ManifestVideoDataset(read_manifest(self.manifest, bad_rows), self.grid, self.clip)
             self._dataset.skipped.entries.update(bad_rows.entries)
@@ -177,6 +189,9 @@ class ManifestVideoDataModule(GenerationDataModule):
         if stage != "fit" or self.trainer is None:
             return
         self.dataset  # noqa: B018  (build now, so bad manifests fail before training starts)
+        message = empty_captions_message(f"manifest {self.manifest}", [s.row.captions for s in self.dataset.samples])
+        if message:
+            log.warning(message)
         if not any(isinstance(cb, SkippedSamplesReport) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(SkippedSamplesReport())
 
@@ -200,10 +215,6 @@ class ManifestVideoDataModule(GenerationDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(  # its mid-epoch position is saved in checkpoints (exact resume)
-            self.dataset,
-            batch_sampler=self.batch_sampler(),
-            collate_fn=collate_manifest,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        # workers decode video: never fork them from a process whose decoder threads they cannot inherit
+        return training_loader(self.dataset, self.batch_sampler(), collate_manifest, self.num_workers,
+                               decoding_worker_context() if self.num_workers > 0 else None)

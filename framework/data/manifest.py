@@ -31,12 +31,12 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import lightning as L
 import numpy as np
 import torch
-from av.video.reformatter import Colorspace
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -44,11 +44,10 @@ from torch.utils.data import Dataset
 from framework.data.buckets import Bucket, BucketGrid, resize_crop_plan
 from framework.core.micro_conditions import STILL_IMAGE_FPS
 from framework.data.video_io import (
-    _AVCOL_BT709,
-    _SWS_FLAGS,
     IMAGE_SUFFIXES,
     VideoDecodeError,
     _check_readable,
+    _frame_to_rgb,
     _open_video,
     _read_image,
     _stream_fps,
@@ -61,8 +60,10 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl")
 
 
 # ---------------------------------------------------------------------------------------------- skipped samples
-@dataclass(frozen=True)
-class SkippedSample:
+class SkippedSample(NamedTuple):
+    """A file left out, with why. A named tuple, not a frozen dataclass: it rides in ``batch["skipped"]``, and
+    Lightning's batch transfer (``apply_to_collection``) rebuilds tuples but refuses frozen dataclasses."""
+
     path: str
     reason: str
 
@@ -229,6 +230,25 @@ def _parse_row(manifest: Path, line: int, row: dict) -> ManifestRow:
     )
 
 
+CAPTION_SOURCES = (
+    "captions come from sidecar text files next to the clips (clip.mp4 -> clip.txt) or a captions CSV / JSONL "
+    "(kinetoscope scan DIR -o manifest.csv --captions captions.csv), or are written by a captioning model "
+    "(kinetoscope recaption manifest.csv -o captioned.jsonl --model-dir DIR); see docs/data.md, 'Captions'"
+)
+
+
+def empty_captions_message(where: str, captions: Sequence[Sequence[str]]) -> str | None:
+    """A warning when rows (given by their captions) have no caption text, else None. All empty means a text-to-video
+    model that learns no text conditioning, which nothing else would reveal until sampling."""
+    empty = sum(1 for texts in captions if not any(t.strip() for t in texts))
+    if not empty:
+        return None
+    if empty == len(captions):
+        return (f"{where}: every caption is empty ({empty} rows), so the model learns no text conditioning; "
+                f"{CAPTION_SOURCES}")
+    return f"{where}: {empty} of {len(captions)} rows have an empty caption; {CAPTION_SOURCES}"
+
+
 # ------------------------------------------------------------------------------------------------------ decoding
 class ClipStart(str, enum.Enum):
     RANDOM = "random"  # uniform over all starts that fit (training)
@@ -275,14 +295,6 @@ class ClipSampling:
         return index / native_fps
 
 
-def _convert(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
-    """Decoded frame -> uint8 ``[height, width, 3]``, scaled by swscale, honouring BT.709 tags."""
-    src = Colorspace.ITU709 if frame.colorspace == _AVCOL_BT709 else None
-    return frame.reformat(
-        width=width, height=height, format="rgb24", src_colorspace=src, interpolation=_SWS_FLAGS
-    ).to_ndarray()
-
-
 def decode_clip(path: str | Path, bucket: Bucket, start_s: float, step_s: float) -> Tensor:
     """Decode ``bucket.frames`` frames at times ``start_s + k * step_s`` (seconds from the stream start), resized
     keeping the aspect ratio and centre-cropped to the bucket -> float ``[3, T, H, W]`` in [-1, 1].
@@ -327,7 +339,8 @@ def decode_clip(path: str | Path, bucket: Bucket, start_s: float, step_s: float)
         frames = []
         for frame in chosen:  # a repeated frame (fps upsampling) is converted once
             if id(frame) not in converted:
-                converted[id(frame)] = _convert(frame, rh, rw)[top : top + bucket.height, left : left + bucket.width]
+                rgb = _frame_to_rgb(frame, rh, rw)  # [rh, rw, 3]
+                converted[id(frame)] = rgb[top : top + bucket.height, left : left + bucket.width]
             frames.append(converted[id(frame)])  # [H, W, 3]
     return _to_video(np.stack(frames))  # [3, T, H, W]
 
@@ -456,28 +469,57 @@ class ManifestVideoDataset(Dataset):
 
 
 class SkippedSamplesReport(L.Callback):
-    """Reports, at each training epoch end, the files skipped so far: count (logged as ``data/skipped_samples``)
-    and every path with its reason (logged as a warning on ``kinetoscope.data``).
+    """Reports the files skipped in a training run, so a bad file costs a sample, never the run, and is never silent.
 
     Collects ``batch["skipped"]`` from every training batch, plus ``trainer.datamodule.skipped_samples`` (files left
-    out when the dataset was built). ``ManifestVideoDataModule`` adds this callback itself when it is missing.
+    out when the dataset was built). At each training epoch end it logs the count as ``data/skipped_samples`` and
+    every path with its reason as a warning on ``kinetoscope.data``; when training ends (also on ``max_steps``
+    mid-epoch) it warns the run's total and writes it to ``path`` (default ``<trainer.log_dir>/skipped_samples.json``;
+    ``skipped_samples.rank<N>.json`` for ranks > 0 under DDP): ``{"count", "skipped": [{"path", "reason"}, ...]}``.
+    ``ManifestVideoDataModule`` adds this callback itself when it is missing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
         self.epoch = SkippedSamples()
+        self.run = SkippedSamples()
         self.last_report: SkippedSamples | None = None
+        self.written: Path | None = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if isinstance(batch, dict):
-            self.epoch.extend(batch.get("skipped", ()))
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def _with_setup(self, trainer, found: SkippedSamples) -> SkippedSamples:
         report = SkippedSamples()
         at_setup = getattr(trainer.datamodule, "skipped_samples", None)
         if at_setup is not None:
             report.entries.update(at_setup.entries)
-        report.entries.update(self.epoch.entries)
+        report.entries.update(found.entries)
+        return report
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.epoch, self.run = SkippedSamples(), SkippedSamples()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if isinstance(batch, dict):
+            self.epoch.extend(batch.get("skipped", ()))
+            self.run.extend(batch.get("skipped", ()))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        report = self._with_setup(trainer, self.epoch)
         self.last_report, self.epoch = report, SkippedSamples()
         pl_module.log("data/skipped_samples", float(len(report)), on_epoch=True, on_step=False)
         if len(report):
             log.warning(report.report(f"epoch {trainer.current_epoch} (rank {trainer.global_rank})"))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        report = self._with_setup(trainer, self.run)
+        if len(report):
+            log.warning(f"{len(report)} files skipped in this run (rank {trainer.global_rank}); "
+                        "each was replaced by another sample or left out, see the reasons above")
+        default = Path(trainer.log_dir or trainer.default_root_dir) / "skipped_samples.json"
+        path = self.path or default
+        if trainer.world_size > 1 and trainer.global_rank > 0:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"count": len(report),
+                  "skipped": [{"path": p, "reason": report.entries[p]} for p in report.paths]}
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        self.written = path

@@ -18,14 +18,15 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from framework.core.errors import UsageError
 from framework.data.prompt_extension import PromptExtension
 
 
 @dataclass
 class Prompts:
     """Prompts for generation. ``file`` is a text file with one caption per line or a JSONL file whose rows hold a
-    ``caption`` and optionally ``frames``, ``height``, ``width``, ``seed``, ``negative_prompt``; its rows come after
-    ``captions``. ``negative_prompt`` applies to every prompt that does not set its own (classifier-free guidance
+    ``caption`` and optionally ``frames``, ``height``, ``width``, ``seed``, ``negative_prompt``; when it is given, its
+    rows replace ``captions`` (so a config's example captions do not run alongside a prompts file). ``negative_prompt`` applies to every prompt that does not set its own (classifier-free guidance
     steers away from it instead of from the empty caption).
 
     ``fps``, ``original_height`` and ``original_width`` are the micro-conditions of every prompt that does not set its
@@ -109,11 +110,12 @@ class PromptRequest:
 
 
 def load_prompt_requests(prompts: Prompts) -> list[PromptRequest]:
-    rows: list[dict] = [{"caption": c, "_source": f"captions[{i}]"} for i, c in enumerate(prompts.captions)]
-    if prompts.file is not None:
-        rows += _read_prompt_file(Path(prompts.file))
+    if prompts.file is not None:  # the file replaces the config's captions
+        rows = _read_prompt_file(Path(prompts.file))
+    else:
+        rows = [{"caption": c, "_source": f"captions[{i}]"} for i, c in enumerate(prompts.captions)]
     if not rows:
-        raise ValueError("no prompts to generate: set data.prompts.captions or data.prompts.file")
+        raise UsageError("no prompts to generate: set data.init_args.prompts.captions or data.init_args.prompts.file")
     if prompts.samples_per_prompt < 1:
         raise ValueError(f"prompts.samples_per_prompt must be >= 1, got {prompts.samples_per_prompt}")
     requests = []

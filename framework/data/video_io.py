@@ -17,13 +17,21 @@ Design notes:
 * RGB <-> YUV conversion uses BT.709 (tagged in the stream, so players agree with us) with
   bicubic, full-chroma, accurate-rounding swscale flags. The default swscale path upsamples
   chroma without interpolation, which costs ~10 dB PSNR on tiny clips.
+* Fork safety. swscale contexts run slice threads; PyAV keeps one context per thread
+  (``VideoFrame.reformat``), and a process forked after its parent used it inherits the context
+  but not its threads: the child's next conversion waits forever on threads that do not exist
+  (``avpriv_slicethread_free`` under ``sws_scale_frame``). Every conversion here goes through
+  :func:`_reformatter`, which never reuses a context made in another process, and DataLoader
+  workers that decode video start from a fresh interpreter (:func:`decoding_worker_context`).
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import multiprocessing
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +41,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from av.video.reformatter import Colorspace, Interpolation
+from av.video.reformatter import Colorspace, Interpolation, VideoReformatter
 from PIL import Image, ImageOps
 from torch import Tensor
 
@@ -42,6 +50,7 @@ __all__ = [
     "RGBConversion",
     "VIDEO_SUFFIXES",
     "VideoDecodeError",
+    "decoding_worker_context",
     "probe_video",
     "read_video",
     "to_uint8_frames",
@@ -99,6 +108,44 @@ class VideoDecodeError(ValueError):
         # Default exception pickling replays ``args`` (the message) only; keep path + reason
         # so the error survives DataLoader worker processes intact.
         return (type(self), (self.path, self.reason))
+
+
+# --------------------------------------------------------------------------- fork safety
+_local = threading.local()  # this thread's (pid, reformatter)
+_inherited: list[VideoReformatter] = []  # contexts made by a parent process: kept alive, never used or freed
+
+
+def _reformatter() -> VideoReformatter:
+    """This thread's swscale reformatter, made in this process.
+
+    After a fork the inherited one is set aside, not freed: freeing it joins the parent's slice threads, which the
+    child does not have, and never returns.
+    """
+    made = getattr(_local, "reformatter", None)
+    if made is None or made[0] != os.getpid():
+        if made is not None:
+            _inherited.append(made[1])
+        made = _local.reformatter = (os.getpid(), VideoReformatter())
+    return made[1]
+
+
+def decoding_worker_context() -> multiprocessing.context.BaseContext:
+    """How DataLoader worker processes that decode video start: ``forkserver`` (``spawn`` where there is none),
+    never a fork of the training process.
+
+    A forked worker inherits whatever native thread state the training process holds -- PyAV/FFmpeg decoder and
+    swscale thread pools from a metric callback, a preview or a ``read_video`` call before ``fit`` -- without its
+    threads, and can wait on them forever. The fork server is a fresh interpreter that imports the data modules
+    once per training process; each worker is forked from it, so no worker inherits any of that state
+    (``benchmarks/worker_start.py`` measures the cost). As with any non-fork start, a script that starts training must guard it with
+    ``if __name__ == "__main__":``.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # "__main__" is Python's default preload; the data modules make each forked worker cheap to start
+    context.set_forkserver_preload(["__main__", "framework.data.datamodules"])
+    return context
 
 
 # --------------------------------------------------------------------------- conversion
@@ -193,8 +240,9 @@ def _write_mp4(target: Path, frames: np.ndarray, fps: float) -> None:
         ctx.colorspace = ctx.color_primaries = ctx.color_trc = _AVCOL_BT709
         ctx.color_range = _AVCOL_RANGE_MPEG
         for i, rgb in enumerate(frames):  # rgb: [H', W', 3]
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
-                format="yuv420p", dst_colorspace=Colorspace.ITU709, interpolation=_SWS_FLAGS
+            frame = _reformatter().reformat(
+                av.VideoFrame.from_ndarray(rgb, format="rgb24"),
+                format="yuv420p", dst_colorspace=Colorspace.ITU709, interpolation=_SWS_FLAGS,
             )
             frame.pts = i  # in 1/rate units: frame i is shown at i / fps seconds
             container.mux(stream.encode(frame))
@@ -309,12 +357,16 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:
     return 0.0
 
 
-def _frame_to_rgb(frame: av.VideoFrame, conversion: RGBConversion = RGBConversion.BICUBIC_FULL_CHROMA) -> np.ndarray:
-    """Decoded frame -> uint8 ``[H, W, 3]``; the default honours the stream's colour tags."""
-    if conversion is RGBConversion.PLAIN_RGB24:
-        return frame.to_ndarray(format="rgb24")
+def _frame_to_rgb(frame: av.VideoFrame, height: int | None = None, width: int | None = None,
+                  conversion: RGBConversion = RGBConversion.BICUBIC_FULL_CHROMA) -> np.ndarray:
+    """Decoded frame -> uint8 ``[height, width, 3]`` (default: the frame's size), scaled in the same swscale call;
+    the default conversion honours the stream's BT.709 tags."""
+    if conversion is RGBConversion.PLAIN_RGB24:  # swscale's defaults, as PyAV's frame.to_ndarray(format="rgb24")
+        return _reformatter().reformat(frame, width=width, height=height, format="rgb24").to_ndarray()
     src = Colorspace.ITU709 if frame.colorspace == _AVCOL_BT709 else None
-    return frame.reformat(format="rgb24", src_colorspace=src, interpolation=_SWS_FLAGS).to_ndarray()
+    return _reformatter().reformat(
+        frame, width=width, height=height, format="rgb24", src_colorspace=src, interpolation=_SWS_FLAGS
+    ).to_ndarray()
 
 
 @contextmanager
@@ -338,8 +390,8 @@ def read_video(path: str | os.PathLike[str], max_frames: int | None = None,
     """Decode a video (or a still image) into float ``[3, T, H, W]`` in [-1, 1] and its fps.
 
     Stills (``.png/.jpg/.jpeg/.webp/.bmp``) come back as 1-frame videos with fps 0.0.
-    ``max_frames`` stops decoding early; ``conversion`` picks the YUV -> RGB conversion. Raises :class:`VideoDecodeError` for missing,
-    corrupt or frameless files, and for files that decode to fewer frames than their
+    ``max_frames`` stops decoding early; ``conversion`` picks the YUV -> RGB conversion. Raises
+    :class:`VideoDecodeError` for missing, corrupt or frameless files, and for files that decode to fewer frames than their
     container declares (a truncated download must not silently become a shorter clip).
     """
     path = Path(path)
@@ -354,7 +406,7 @@ def read_video(path: str | os.PathLike[str], max_frames: int | None = None,
         declared = stream.frames  # 0 when the container does not say
         fps = _stream_fps(stream)
         for frame in container.decode(stream):
-            frames.append(_frame_to_rgb(frame, conversion))  # [H, W, 3]
+            frames.append(_frame_to_rgb(frame, conversion=conversion))  # [H, W, 3]
             if max_frames is not None and len(frames) >= max_frames:
                 break
     if not frames:

@@ -20,9 +20,9 @@ import enum
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from framework.core.interfaces import Patcher
+from framework.core.interfaces import ModelFn, Patcher
 from framework.layers.packing import PackedSequence
 
 
@@ -149,3 +149,42 @@ def channel_inputs(latents: list[Tensor], frame_masks: list[Tensor]) -> list[Ten
         given = mask.to(latent.device, latent.dtype)[None, :, None, None].expand(1, *latent.shape[1:])  # [1, t, h, w]
         inputs.append(torch.cat([latent * given, given], dim=0))  # [c + 1, t, h, w]
     return inputs
+
+
+class FrameConditionEmbedding(nn.Module):
+    """A learned vector added to the tokens of given (clean) frames, so the denoiser tells them from noisy ones."""
+
+    def __init__(self, token_dim: int, channel_dim: int | None = None) -> None:
+        super().__init__()
+        # Unit scale like the data: a clear marker from step 0 (the denoiser's input projection is linear, so
+        # this is a per-token embedding in its width).
+        self.marker = nn.Parameter(torch.randn(token_dim))  # [D]
+        # Given frames as extra channels (FrameMaskProbabilities.channels): concatenating channels before the
+        # denoiser's linear input projection equals adding a linear projection of them, so no denoiser changes.
+        # Zero-initialised: training starts from the plain model.
+        self.channels = nn.Linear(channel_dim, token_dim) if channel_dim is not None else None
+        if self.channels is not None:
+            nn.init.zeros_(self.channels.weight)
+            nn.init.zeros_(self.channels.bias)
+
+    def given_channels(self, patcher: Patcher, latents: list[Tensor], frame_masks: list[Tensor],
+                       device: torch.device) -> Tensor | None:
+        """The projected given-frame channels [N, D] for latents [c, t, h, w] and their frame masks [t], or None for
+        a model without ``FrameMaskProbabilities.channels``."""
+        if self.channels is None:
+            return None
+        inputs = patcher.patchify([x.to(device) for x in channel_inputs(latents, frame_masks)])
+        return self.channels(inputs.tokens)  # [N, D]
+
+
+def with_given_tokens(model_fn: ModelFn, given: Tensor, clean: Tensor, marker: Tensor | None,
+                      channels: Tensor | None = None) -> ModelFn:
+    """Feed ``model_fn`` the ``clean`` tokens [N, D] (plus ``marker`` [D]) where ``given`` [N] is True, and add
+    ``channels`` [N, D] (the projected given-frame channels) to every token when set."""
+    marked = clean if marker is None else clean + marker.to(clean.dtype)  # [N, D]
+
+    def fn(x: PackedSequence, t: Tensor) -> PackedSequence:
+        tokens = x.tokens if channels is None else x.tokens + channels  # [N, D]
+        return model_fn(x.with_tokens(torch.where(given[:, None], marked, tokens)), t)
+
+    return fn

@@ -27,6 +27,7 @@ from framework.data.synthetic import SyntheticMovingShapes
 from framework.data.video_io import RGBConversion, write_frame_grid
 from framework.metrics.evaluation import VideoMetricSuite, load_videos
 from framework.metrics.fvd import FrechetVideoDistance, FVDPreset
+from framework.training.ema import ema_weights
 
 __all__ = ["ManifestReference", "ReferenceVideos", "SyntheticReference", "VideoMetrics", "stack_rows"]
 
@@ -164,8 +165,11 @@ class VideoMetrics(L.Callback):
         assert self.suite is not None, "VideoMetrics.setup() has not run"
         rank, world = trainer.global_rank, trainer.world_size
         indices = list(range(len(self.prompts)))[rank::world]
-        videos = pl_module.generate([self.prompts[i] for i in indices], [self.size] * len(indices),
-                                    [self.seed + i for i in indices], self.sampling_steps, self.guidance_scale)
+        # With EMACallback in the trainer the averaged weights generate, as they do for predict.
+        with ema_weights(trainer, pl_module):
+            videos = pl_module.pipeline().generate(
+                [self.prompts[i] for i in indices], [self.size] * len(indices), [self.seed + i for i in indices],
+                self.sampling_steps, self.guidance_scale)
         self.suite.update(videos, real=False)
         results = self.suite.compute()
         self.suite.reset(keep_real=True)

@@ -19,21 +19,13 @@ import torch
 from torch import Tensor
 
 from framework.layers.variational import DiagonalGaussian, VariationalCompressor
+from plugins.diffusers_folders import component_folder, load_diffusers_model
 
 
 def _load_autoencoder_kl(path: Path):
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as err:
-        raise ImportError("FramewiseDiffusersVAE needs diffusers: pip install 'kinetoscope[diffusers]'") from err
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"FramewiseDiffusersVAE: {str(path)!r} is not a diffusers AutoencoderKL directory (no config.json)"
-        )
-    try:
-        return AutoencoderKL.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"FramewiseDiffusersVAE: cannot load an AutoencoderKL from {str(path)!r}: {err}") from err
+    owner = "FramewiseDiffusersVAE"
+    folder = component_folder(path)
+    return load_diffusers_model(folder, ("AutoencoderKL",), owner)[0]
 
 
 class FramewiseDiffusersVAE(VariationalCompressor):

@@ -56,9 +56,10 @@ def resolve_model_dir(model_dir: Path | None, model_package: str | None) -> Path
     return model_dir.resolve()
 
 
-def _load_encoder(model_dir: Path) -> tuple[nn.Module, object]:
-    """(encoder, tokenizer) from a local directory. T5 and CLIP checkpoints hold more than the text encoder, so
-    their encoder-only classes are used; any other architecture loads through ``AutoModel``."""
+def _load_encoder(model_dir: Path, tokenizer_dir: Path | None = None) -> tuple[nn.Module, object]:
+    """(encoder, tokenizer) from a local directory (the tokenizer from ``tokenizer_dir`` when given, as in diffusers
+    pipeline folders). T5 and CLIP checkpoints hold more than the text encoder, so their encoder-only classes are
+    used; any other architecture loads through ``AutoModel``."""
     try:
         import transformers
     except ImportError as err:
@@ -72,7 +73,7 @@ def _load_encoder(model_dir: Path) -> tuple[nn.Module, object]:
         "clip_text_model": transformers.CLIPTextModel,
     }.get(config.model_type, transformers.AutoModel)
     encoder = encoder_class.from_pretrained(model_dir, local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir or model_dir, local_files_only=True)
     return encoder, tokenizer
 
 

@@ -8,30 +8,18 @@ RMS-normalised queries and keys, which keep attention logits bounded at high lea
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from framework.core.interfaces import Conditioning, DenoiserIO
 from framework.layers.activations import TanhGELU
+from framework.layers.adaln import AdaLNZeroDenoiser, modulate, modulation, zero_linear
 from framework.layers.attention import AttentionBackend, packed_cross_attention, packed_self_attention
-from framework.core.interfaces import Conditioning, Denoiser, DenoiserIO
-from framework.core.micro_conditions import MicroCondition, MicroConditionEmbedder, sinusoidal_features
 from framework.layers.packing import PackedSequence
-from framework.layers.rope import Rope3D, apply_rope
-from plugins.denoisers.presets import Preset, resolve_size
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features of ``t`` [B] in [0, 1] (scaled by 1000 as in DDPM-era models) -> [B, dim]."""
-    return sinusoidal_features(1000.0 * t.float(), dim, max_period)  # [B, dim]
+from framework.layers.presets import TransformerSize
+from framework.layers.rope import apply_rope
 
 
 class SelfAttention(nn.Module):
@@ -83,7 +71,7 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), TanhGELU(), nn.Linear(hidden, width))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.ada = modulation(width, 6)
 
     def forward(self, x: Tensor, c: Tensor, packed: PackedSequence, rope, context: Tensor | tuple[Tensor, Tensor],
                 context_mask: Tensor):
@@ -106,92 +94,33 @@ class PreparedConditioning(Conditioning):
     context_kv: tuple[tuple[Tensor, Tensor], ...]  # per block: caption keys, values [B, L, H, Dh]
 
 
-class DiT(Denoiser):
-    """Full spacetime-attention diffusion transformer (adaLN-Zero, text cross-attention, 3D RoPE)."""
+class DiT(AdaLNZeroDenoiser):
+    """Full spacetime-attention diffusion transformer (adaLN-Zero, text cross-attention, 3D RoPE).
 
-    def __init__(
-        self,
-        preset: Preset | None = None,
-        width: int | None = None,
-        depth: int | None = None,
-        num_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        attention: AttentionBackend = AttentionBackend.AUTO,
-        gradient_checkpointing: bool = False,
-        micro_conditions: list[MicroCondition] | None = None,
-    ) -> None:
-        """``preset`` (S, B, L, XL: DiT's sizes) sets width, depth and heads; any of them given explicitly overrides
-        it, and with neither the size is S (384 wide, 12 deep, 6 heads). ``micro_conditions`` (e.g. ``[FPS,
-        ORIGINAL_HEIGHT, ORIGINAL_WIDTH]``) conditions every block on those per-sample scalars
-        (``framework/core/micro_conditions.py``)."""
-        super().__init__()
-        size = resolve_size("DiT", preset, width, depth, num_heads)
-        width, depth, num_heads = size.width, size.depth, size.num_heads
-        self.width, self.depth, self.num_heads = width, depth, num_heads
-        self.gradient_checkpointing = gradient_checkpointing
-        self.rope = Rope3D(width // num_heads)
-        self.time_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
-        self.blocks = nn.ModuleList(DiTBlock(width, num_heads, mlp_ratio, attention) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.micro_conditions = tuple(micro_conditions or ())
-        self.micro_embed = MicroConditionEmbedder(self.micro_conditions, width) if self.micro_conditions else None
-        self.io: DenoiserIO | None = None
+    Arguments (``framework.layers.adaln.AdaLNZeroDenoiser``): ``preset`` S/B/L/XL or ``width``, ``depth``,
+    ``num_heads``; ``mlp_ratio``; ``attention`` backend; ``gradient_checkpointing``; ``micro_conditions``."""
 
-    def bind(self, io: DenoiserIO) -> None:
-        self.io = io
-        self.embed = nn.Linear(io.token_dim, self.width)
-        self.context_embed = nn.Sequential(nn.Linear(io.context_dim, self.width), TanhGELU(),
-                                           nn.Linear(self.width, self.width))
-        self.pooled_embed = nn.Sequential(nn.Linear(io.pooled_dim, self.width), nn.SiLU(),
-                                          nn.Linear(self.width, self.width))
-        self.head = nn.Linear(self.width, io.token_dim)
-        self.initialize_weights()
+    def build_blocks(self, size: TransformerSize, mlp_ratio: float, attention: AttentionBackend) -> Iterable[nn.Module]:
+        return (DiTBlock(size.width, size.num_heads, mlp_ratio, attention) for _ in range(size.depth))
 
-    def initialize_weights(self) -> None:
-        """Xavier for linear layers; zero for every adaLN projection and the output head, as in DiT, so each block
-        starts as the identity and the untrained model predicts zero, which keeps early training stable."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.time_embed[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed[2].weight, std=0.02)
+    def context_embedding(self, io: DenoiserIO) -> nn.Module:
+        return nn.Sequential(nn.Linear(io.context_dim, self.width), TanhGELU(), nn.Linear(self.width, self.width))
+
+    def initialize_blocks(self) -> None:
         for block in self.blocks:
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
+            zero_linear(block.ada[-1])
             # Zero cross-attention output too (as PixArt-alpha does): caption features then enter the residual
             # stream only as far as they help, instead of as random noise at step 0.
             nn.init.zeros_(block.cross.proj.weight)
-        # The pooled caption enters the same vector as the timestep. LayerNorm-ed text features are ~30x larger
-        # than the timestep embedding at init and would act as large per-sample noise on every block's
-        # modulation; starting this path at zero lets it grow only as far as the caption helps.
-        for layer in (self.pooled_embed[-1], self.final_ada[-1], self.head):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        if self.micro_embed is not None:  # zero output: micro-conditions start without effect
-            self.micro_embed.initialize_weights()
-
-    def conditioning_vector(self, timestep: Tensor, cond: Conditioning) -> Tensor:
-        """The per-sample vector every adaLN modulation reads: timestep + pooled caption (+ micro-conditions)."""
-        c = self.time_embed(timestep_embedding(timestep, 256)) + self.pooled_embedding(cond)  # [B, W]
-        if self.micro_embed is not None:
-            c = c + self.micro_embed(cond.micro_conditions)  # [B, W]
-        return c
 
     def forward(self, x: PackedSequence, timestep: Tensor, cond: Conditioning) -> PackedSequence:
-        if self.io is None:
-            raise RuntimeError("DiT.bind(DenoiserIO) must be called before forward (VideoDiffusion does this)")
+        self.check_bound()
         h = self.embed(x.tokens)  # [N, W]
         c = self.conditioning_vector(timestep, cond)  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
         for block, context in zip(self.blocks, self.block_contexts(cond)):
-            if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, c, x, rope, context, cond.context_mask, use_reentrant=False)
-            else:
-                h = block(h, c, x, rope, context, cond.context_mask)  # [N, W]
-        shift, scale = x.per_token(self.final_ada(c)).chunk(2, dim=-1)  # each [N, W]
-        return x.with_tokens(self.head(modulate(self.final_norm(h), shift, scale)))  # [N, token_dim]
+            h = self.run_block(block, h, c, x, rope, context, cond.context_mask)  # [N, W]
+        return self.output(x, h, c)  # [N, token_dim]
 
     def pooled_embedding(self, cond: Conditioning) -> Tensor:
         """The pooled caption's share of the adaLN input [B, W] (prepared, or computed now)."""

@@ -14,20 +14,19 @@ caption tokens get no rotation (as in HunyuanVideo / Wan MM-DiT variants).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from framework.core.interfaces import Conditioning, DenoiserIO
 from framework.layers.activations import TanhGELU
+from framework.layers.adaln import AdaLNZeroDenoiser, modulate, modulation, zero_linear
 from framework.layers.attention import AttentionBackend, packed_self_attention
-from framework.core.interfaces import Conditioning, Denoiser, DenoiserIO
-from framework.core.micro_conditions import MicroCondition, MicroConditionEmbedder
 from framework.layers.packing import PackedSequence
-from framework.layers.rope import Rope3D, apply_rope
-from plugins.denoisers.dit import modulate, timestep_embedding
-from plugins.denoisers.presets import Preset, resolve_size
+from framework.layers.presets import TransformerSize
+from framework.layers.rope import apply_rope
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class Stream(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.q_norm = nn.RMSNorm(width // num_heads, eps=1e-6)
         self.k_norm = nn.RMSNorm(width // num_heads, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, (2 if attention_only else 6) * width))
+        self.ada = modulation(width, 2 if attention_only else 6)
         if not attention_only:
             self.proj = nn.Linear(width, width)
             self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -122,89 +121,34 @@ class MMDiTBlock(nn.Module):
         return x, text
 
 
-class MMDiT(Denoiser):
-    """SD3-style MM-DiT: joint text-video attention with separate per-modality weights, adaLN-Zero, 3D RoPE."""
+class MMDiT(AdaLNZeroDenoiser):
+    """SD3-style MM-DiT: joint text-video attention with separate per-modality weights, adaLN-Zero, 3D RoPE.
 
-    def __init__(
-        self,
-        preset: Preset | None = None,
-        width: int | None = None,
-        depth: int | None = None,
-        num_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        attention: AttentionBackend = AttentionBackend.AUTO,
-        gradient_checkpointing: bool = False,
-        micro_conditions: list[MicroCondition] | None = None,
-    ) -> None:
-        """``preset`` (S, B, L, XL) sets width, depth and heads; explicit fields override it. ``micro_conditions``
-        (e.g. ``[FPS, ORIGINAL_HEIGHT, ORIGINAL_WIDTH]``) modulates both streams with those per-sample scalars
-        (``framework/core/micro_conditions.py``)."""
-        super().__init__()
-        size = resolve_size("MMDiT", preset, width, depth, num_heads)
-        self.width, self.depth, self.num_heads = size.width, size.depth, size.num_heads
-        self.gradient_checkpointing = gradient_checkpointing
-        self.rope = Rope3D(size.head_dim)
-        self.time_embed = nn.Sequential(nn.Linear(256, self.width), nn.SiLU(), nn.Linear(self.width, self.width))
-        self.blocks = nn.ModuleList(
-            MMDiTBlock(self.width, self.num_heads, mlp_ratio, last=i == self.depth - 1, backend=attention)
-            for i in range(self.depth)
-        )
-        self.final_norm = nn.LayerNorm(self.width, elementwise_affine=False, eps=1e-6)
-        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(self.width, 2 * self.width))
-        self.micro_conditions = tuple(micro_conditions or ())
-        self.micro_embed = MicroConditionEmbedder(self.micro_conditions, self.width) if self.micro_conditions else None
-        self.io: DenoiserIO | None = None
+    Arguments as DiT's (``framework.layers.adaln.AdaLNZeroDenoiser``); ``micro_conditions`` modulates both
+    streams."""
 
-    def bind(self, io: DenoiserIO) -> None:
-        self.io = io
-        self.embed = nn.Linear(io.token_dim, self.width)
-        self.context_embed = nn.Linear(io.context_dim, self.width)
-        self.pooled_embed = nn.Sequential(nn.Linear(io.pooled_dim, self.width), nn.SiLU(),
-                                          nn.Linear(self.width, self.width))
-        self.head = nn.Linear(self.width, io.token_dim)
-        self.initialize_weights()
+    def build_blocks(self, size: TransformerSize, mlp_ratio: float, attention: AttentionBackend) -> Iterable[nn.Module]:
+        return (MMDiTBlock(size.width, size.num_heads, mlp_ratio, last=i == size.depth - 1, backend=attention)
+                for i in range(size.depth))
 
-    def initialize_weights(self) -> None:
-        """As DiT: Xavier linears; zero adaLN projections (each block starts as the identity), zero output head and
-        pooled-caption path (the untrained model predicts zero and the caption enters only as far as it helps)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.time_embed[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed[2].weight, std=0.02)
+    def context_embedding(self, io: DenoiserIO) -> nn.Module:
+        return nn.Linear(io.context_dim, self.width)
+
+    def initialize_blocks(self) -> None:
         for block in self.blocks:
             for stream in (block.video, block.caption):
-                nn.init.zeros_(stream.ada[-1].weight)
-                nn.init.zeros_(stream.ada[-1].bias)
-        for layer in (self.pooled_embed[-1], self.final_ada[-1], self.head):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        if self.micro_embed is not None:  # zero output: micro-conditions start without effect
-            self.micro_embed.initialize_weights()
-
-    def conditioning_vector(self, timestep: Tensor, cond: Conditioning) -> Tensor:
-        """The per-sample vector both streams' adaLN read: timestep + pooled caption (+ micro-conditions)."""
-        c = self.time_embed(timestep_embedding(timestep, 256)) + self.pooled_embed(cond.pooled)  # [B, W]
-        if self.micro_embed is not None:
-            c = c + self.micro_embed(cond.micro_conditions)  # [B, W]
-        return c
+                zero_linear(stream.ada[-1])
 
     def forward(self, x: PackedSequence, timestep: Tensor, cond: Conditioning) -> PackedSequence:
-        if self.io is None:
-            raise RuntimeError("MMDiT.bind(DenoiserIO) must be called before forward (VideoDiffusion does this)")
+        self.check_bound()
         layout = JointLayout.build(x, cond.context_mask)
         h = self.embed(x.tokens)  # [N, W]
         text = self.context_embed(cond.context[cond.context_mask])  # [M, W] real caption tokens only
         c = self.conditioning_vector(timestep, cond)  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                h, text = checkpoint(block, h, text, c, x, rope, layout, use_reentrant=False)
-            else:
-                h, text = block(h, text, c, x, rope, layout)  # [N, W], [M, W]
-        shift, scale = x.per_token(self.final_ada(c)).chunk(2, dim=-1)  # each [N, W]
-        return x.with_tokens(self.head(modulate(self.final_norm(h), shift, scale)))  # [N, token_dim]
+            h, text = self.run_block(block, h, text, c, x, rope, layout)  # [N, W], [M, W]
+        return self.output(x, h, c)  # [N, token_dim]
 
     def flops_per_token(self, seqlen: int, context_len: int) -> float:
         """Forward FLOPs per video token of the blocks' video stream (projections, MLP, joint attention over

@@ -15,20 +15,20 @@ attended with one SDPA call, so samples never mix and mixed sizes cost a handful
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from framework.layers.attention import AttentionBackend
 from framework.core.interfaces import Conditioning
-from framework.core.micro_conditions import MicroCondition
+from framework.layers.adaln import modulate
+from framework.layers.attention import AttentionBackend
 from framework.layers.packing import PackedSequence
+from framework.layers.presets import TransformerSize
 from framework.layers.rope import apply_rope
-from plugins.denoisers.dit import DiT, DiTBlock, modulate
-from plugins.denoisers.presets import Preset, resolve_size
+from plugins.denoisers.dit import DiT, DiTBlock
 
 
 class AttentionAxis(str, enum.Enum):
@@ -115,47 +115,23 @@ class FactorisedBlock(DiTBlock):
 class STDiT(DiT):
     """Factorised spatial/temporal DiT (Latte / ST-DiT): blocks alternate per-frame and per-location attention.
 
-    adaLN-Zero, text cross-attention and 3D RoPE as in DiT."""
+    adaLN-Zero, text cross-attention and 3D RoPE as in DiT, with DiT's arguments; ``depth`` counts all blocks: even
+    blocks attend spatially, odd ones temporally."""
 
-    def __init__(
-        self,
-        preset: Preset | None = None,
-        width: int | None = None,
-        depth: int | None = None,
-        num_heads: int | None = None,
-        mlp_ratio: float = 4.0,
-        attention: AttentionBackend = AttentionBackend.AUTO,
-        gradient_checkpointing: bool = False,
-        micro_conditions: list[MicroCondition] | None = None,
-    ) -> None:
-        """``preset`` (S, B, L, XL) sets width, depth and heads; explicit fields override it. ``depth`` counts all
-        blocks: even blocks attend spatially, odd ones temporally. ``micro_conditions`` as in DiT."""
-        size = resolve_size("STDiT", preset, width, depth, num_heads)
-        # DiT builds the embedders, final layer and weight init; depth=1 keeps it from allocating full-attention
-        # blocks that are replaced right away by factorised ones.
-        super().__init__(width=size.width, depth=1, num_heads=size.num_heads, mlp_ratio=mlp_ratio, attention=attention,
-                         gradient_checkpointing=gradient_checkpointing, micro_conditions=micro_conditions)
-        self.depth = size.depth
+    def build_blocks(self, size: TransformerSize, mlp_ratio: float, attention: AttentionBackend) -> Iterable[nn.Module]:
         axes = [AttentionAxis.SPATIAL, AttentionAxis.TEMPORAL]
-        self.blocks = nn.ModuleList(
-            FactorisedBlock(size.width, size.num_heads, mlp_ratio, axes[i % 2], attention) for i in range(size.depth)
-        )
+        return (FactorisedBlock(size.width, size.num_heads, mlp_ratio, axes[i % 2], attention)
+                for i in range(size.depth))
 
     def forward(self, x: PackedSequence, timestep: Tensor, cond: Conditioning) -> PackedSequence:
-        if self.io is None:
-            raise RuntimeError("STDiT.bind(DenoiserIO) must be called before forward (VideoDiffusion does this)")
+        self.check_bound()
         layouts = {axis: GroupedLayout.build(x, axis) for axis in AttentionAxis}
         h = self.embed(x.tokens)  # [N, W]
         c = self.conditioning_vector(timestep, cond)  # [B, W]
         rope = self.rope.angles(x.positions)  # cos, sin: [N, 1, Dh / 2]
         for block, context in zip(self.blocks, self.block_contexts(cond)):
-            args = (h, c, x, rope, context, cond.context_mask, layouts[block.axis])
-            if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, *args, use_reentrant=False)
-            else:
-                h = block(*args)  # [N, W]
-        shift, scale = x.per_token(self.final_ada(c)).chunk(2, dim=-1)  # each [N, W]
-        return x.with_tokens(self.head(modulate(self.final_norm(h), shift, scale)))  # [N, token_dim]
+            h = self.run_block(block, h, c, x, rope, context, cond.context_mask, layouts[block.axis])  # [N, W]
+        return self.output(x, h, c)  # [N, token_dim]
 
     def flops_per_token(self, seqlen: int, context_len: int, frames: int = 1) -> float:
         """Forward FLOPs per video token of the blocks for a clip of ``seqlen`` tokens over ``frames`` latent frames:

@@ -14,46 +14,27 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
-from framework.core.interfaces import ModelFn, StepCallback
-from framework.layers.packing import PackedSequence
-from plugins.samplers.gaussian_diffusion import BetaSchedule, GaussianDiffusion, Prediction, sampling_generator
+from framework.core.interfaces import ModelFn
+from plugins.samplers.gaussian_diffusion import DiffusionRun, GaussianDiffusion
 
 
 class DDPM(GaussianDiffusion):
     """DDPM (Ho et al. 2020): epsilon or v training on a linear/cosine schedule, ancestral sampling."""
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_schedule: BetaSchedule = BetaSchedule.LINEAR,
-        prediction: Prediction = Prediction.EPSILON,
-        zero_terminal_snr: bool = False,
-        noise_seed: int = 0,
-    ) -> None:
-        super().__init__(num_train_timesteps, beta_schedule, prediction, zero_terminal_snr)
-        self.noise_seed = noise_seed
-
-    @torch.no_grad()
-    def sample(
-        self, model_fn: ModelFn, noise: PackedSequence, steps: int, callback: StepCallback | None = None
-    ) -> PackedSequence:
-        indices = self.sampling_indices(steps)
-        generator = sampling_generator(self.noise_seed, noise.tokens.device)
-        x = noise
-        for k, index in enumerate(indices):
-            prev = indices[k + 1] if k + 1 < len(indices) else -1
-            x0, _ = self.denoise(model_fn, x, index)  # [N, D]
-            abar, abar_prev = self.alpha_sigma(index)[0] ** 2, self.alpha_sigma(prev)[0] ** 2
-            beta = 1 - abar / abar_prev
-            mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (
-                math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
-            ) * x.tokens  # [N, D]
-            variance = beta * (1 - abar_prev) / (1 - abar)
-            if variance > 0:
-                z = torch.randn(x.tokens.shape, generator=generator, device=x.tokens.device, dtype=x.tokens.dtype)
-                mean = mean + math.sqrt(variance) * z
-            x = x.with_tokens(mean)
-            if callback is not None:
-                callback(k, torch.full((x.num_samples,), self.timestep(prev), device=x.tokens.device), x)
-        return x
+    def step(self, model_fn: ModelFn, run: DiffusionRun, k: int) -> Tensor:
+        index, prev = self.step_pair(run, k)
+        x = run.x
+        x0, _ = self.denoise(model_fn, x, index)  # [N, D]
+        abar, abar_prev = self.alpha_sigma(index)[0] ** 2, self.alpha_sigma(prev)[0] ** 2
+        beta = 1 - abar / abar_prev
+        mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (
+            math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+        ) * x.tokens  # [N, D]
+        variance = beta * (1 - abar_prev) / (1 - abar)
+        if variance > 0:
+            z = torch.randn(x.tokens.shape, generator=run.generator, device=x.tokens.device, dtype=x.tokens.dtype)
+            mean = mean + math.sqrt(variance) * z
+        run.x = x.with_tokens(mean)
+        return self.time_at(run, prev)

@@ -25,9 +25,8 @@ import math
 import torch
 from torch import Tensor
 
-from framework.core.interfaces import ModelFn, StepCallback
-from framework.layers.packing import PackedSequence
-from plugins.samplers.gaussian_diffusion import GaussianDiffusion
+from framework.core.interfaces import ModelFn
+from plugins.samplers.gaussian_diffusion import DiffusionRun, GaussianDiffusion
 
 
 def half_log_snr(alpha: float, sigma: float) -> float:
@@ -41,6 +40,8 @@ def half_log_snr(alpha: float, sigma: float) -> float:
 
 class DPMSolverPlusPlus(GaussianDiffusion):
     """DPM-Solver++(2M) (Lu et al. 2022): deterministic 2nd-order multistep sampling, one model call per step."""
+
+    stochastic = False  # draws no noise: noise_seed has no effect
 
     def sampling_indices(self, steps: int) -> list[int]:
         """Descending training steps nearest to a lambda-uniform grid from step T - 1 to step 0.
@@ -59,31 +60,22 @@ class DPMSolverPlusPlus(GaussianDiffusion):
         nearest[0] = self.num_train_timesteps - 1
         return sorted({int(i) for i in nearest}, reverse=True)
 
-    @torch.no_grad()
-    def sample(
-        self, model_fn: ModelFn, noise: PackedSequence, steps: int, callback: StepCallback | None = None
-    ) -> PackedSequence:
-        indices = self.sampling_indices(steps)
-        x = noise
-        previous_x0: Tensor | None = None
-        previous_h = math.nan
-        for k, index in enumerate(indices):
-            prev = indices[k + 1] if k + 1 < len(indices) else -1
-            x0, _ = self.denoise(model_fn, x, index)  # [N, D]
-            alpha, sigma = self.alpha_sigma(index)
-            alpha_next, sigma_next = self.alpha_sigma(prev)
-            if prev < 0:
-                tokens = x0  # sigma_next = 0: exp(-h) = 0 and the first-order update is exactly x0
-            else:
-                h = half_log_snr(alpha_next, sigma_next) - half_log_snr(alpha, sigma)  # > 0
-                data = x0
-                if previous_x0 is not None and math.isfinite(previous_h):
-                    r = previous_h / h
-                    data = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous_x0  # [N, D]
-                tokens = (sigma_next / sigma) * x.tokens - alpha_next * math.expm1(-h) * data  # [N, D]
-                previous_h = h
-            previous_x0 = x0
-            x = x.with_tokens(tokens)
-            if callback is not None:
-                callback(k, torch.full((x.num_samples,), self.timestep(prev), device=x.tokens.device), x)
-        return x
+    def step(self, model_fn: ModelFn, run: DiffusionRun, k: int) -> Tensor:
+        index, prev = self.step_pair(run, k)
+        x = run.x
+        x0, _ = self.denoise(model_fn, x, index)  # [N, D]
+        alpha, sigma = self.alpha_sigma(index)
+        alpha_next, sigma_next = self.alpha_sigma(prev)
+        if prev < 0:
+            tokens = x0  # sigma_next = 0: exp(-h) = 0 and the first-order update is exactly x0
+        else:
+            h = half_log_snr(alpha_next, sigma_next) - half_log_snr(alpha, sigma)  # > 0
+            data = x0
+            if run.previous_x0 is not None and math.isfinite(run.previous_h):
+                r = run.previous_h / h
+                data = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * run.previous_x0  # [N, D]
+            tokens = (sigma_next / sigma) * x.tokens - alpha_next * math.expm1(-h) * data  # [N, D]
+            run.previous_h = h
+        run.previous_x0 = x0
+        run.x = x.with_tokens(tokens)
+        return self.time_at(run, prev)

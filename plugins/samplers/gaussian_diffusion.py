@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import enum
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from framework.core.interfaces import ModelFn, Sampler
+from framework.core.interfaces import ModelFn
+from framework.core.sampling import SamplingRun, SteppedSampler
 from framework.layers.packing import PackedSequence
 
 
@@ -64,9 +66,20 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
     return ((root - last) * first / (first - last)) ** 2
 
 
-class GaussianDiffusion(Sampler):
-    """Shared base (not a plugin by itself): schedule, training loss and prediction conversions of DDPM-style
-    samplers. Subclasses implement ``sample``."""
+@dataclass
+class DiffusionRun(SamplingRun):
+    indices: list[int]  # descending training steps visited; after the last one comes clean data (index -1)
+    generator: torch.Generator | None = None  # the noise of stochastic steps, seeded once per run
+    previous_x0: Tensor | None = None  # a multistep solver's clean estimate [N, D] of the step before
+    previous_h: float = math.nan  # and its step size in half log-SNR
+
+
+class GaussianDiffusion(SteppedSampler):
+    """Shared base (not a plugin by itself): schedule, training loss, prediction conversions and the sampling run of
+    DDPM-style samplers. Subclasses implement ``step``; ``stochastic`` ones get a generator seeded from
+    ``noise_seed`` at every run, which makes a given initial noise always produce the same output."""
+
+    stochastic = True  # draws fresh noise in its steps (DDPM; DDIM with eta > 0)
 
     def __init__(
         self,
@@ -74,7 +87,9 @@ class GaussianDiffusion(Sampler):
         beta_schedule: BetaSchedule = BetaSchedule.LINEAR,
         prediction: Prediction = Prediction.EPSILON,
         zero_terminal_snr: bool = False,
+        noise_seed: int = 0,
     ) -> None:
+        """``noise_seed`` seeds the noise a stochastic sampler draws while sampling (not the initial noise)."""
         super().__init__()
         name = type(self).__name__
         if num_train_timesteps < 2:
@@ -87,7 +102,7 @@ class GaussianDiffusion(Sampler):
                 "prediction says nothing about the data (Lin et al. 2023); use prediction='v'"
             )
         self.num_train_timesteps, self.beta_schedule = num_train_timesteps, beta_schedule
-        self.prediction, self.zero_terminal_snr = prediction, zero_terminal_snr
+        self.prediction, self.zero_terminal_snr, self.noise_seed = prediction, zero_terminal_snr, noise_seed
         alphas_cumprod = torch.cumprod(1 - make_betas(beta_schedule, num_train_timesteps), 0)  # [T]
         if zero_terminal_snr:
             alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
@@ -119,6 +134,19 @@ class GaussianDiffusion(Sampler):
         spaced = torch.linspace(self.num_train_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
         return [int(i) for i in spaced]  # distinct: the spacing is >= 1 because steps <= T
 
+    def begin(self, noise: PackedSequence, steps: int) -> DiffusionRun:
+        indices = self.sampling_indices(steps)
+        generator = sampling_generator(self.noise_seed, noise.tokens.device) if self.stochastic else None
+        return DiffusionRun(noise, len(indices), indices, generator)
+
+    def step_pair(self, run: DiffusionRun, k: int) -> tuple[int, int]:
+        """(training step of sampling step ``k``, the one it moves to; -1 = clean data)."""
+        return run.indices[k], run.indices[k + 1] if k + 1 < run.num_steps else -1
+
+    def time_at(self, run: DiffusionRun, index: int) -> Tensor:
+        """The timestep [B] of training step ``index`` for every sample (0 for clean data)."""
+        return torch.full((run.x.num_samples,), self.timestep(index), device=run.x.tokens.device)
+
     # ---------------------------------------------------------------------------------------------- prediction
     def target(self, clean: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         """The training target for ``x = alpha * clean + sigma * noise`` (all broadcastable)."""
@@ -140,14 +168,8 @@ class GaussianDiffusion(Sampler):
         return self.clean_and_noise(prediction, x.tokens, *self.alpha_sigma(index))
 
     # ------------------------------------------------------------------------------------------------ training
-    def training_loss(
-        self,
-        model_fn: ModelFn,
-        clean: PackedSequence,
-        generator: torch.Generator | None = None,
-        loss_mask: Tensor | None = None,
-    ) -> Tensor:
-        """``loss_mask`` [N] bool limits the loss to those tokens (frame conditioning leaves given frames out)."""
+    def training_loss(self, model_fn: ModelFn, clean: PackedSequence, generator: torch.Generator | None = None,
+                      loss_mask: Tensor | None = None) -> Tensor:
         x0 = clean.tokens  # [N, D]
         device = x0.device
         index = torch.randint(0, self.num_train_timesteps, (clean.num_samples,), generator=generator, device=device)

@@ -20,16 +20,23 @@ clean data the minimiser at every t).
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from framework.core.interfaces import ModelFn, Sampler, StepCallback
+from framework.core.interfaces import ModelFn, StepCallback
+from framework.core.sampling import SamplingRun, SteppedSampler
 from framework.layers.packing import PackedSequence
 
 def shift_time(t: Tensor, shift: Tensor) -> Tensor:
     """SD3 time shift ``s t / (1 + (s - 1) t)``: s > 1 spends more of the schedule at high noise."""
     return shift * t / (1 + (shift - 1) * t)
+
+@dataclass
+class FlowRun(SamplingRun):
+    times: Tensor  # [S + 1, B] the shifted time grid, from the start time to 0
+
 
 class FlowPrediction(str, enum.Enum):
     """What the denoiser's output means to a rectified-flow sampler."""
@@ -38,7 +45,7 @@ class FlowPrediction(str, enum.Enum):
     CLEAN = "clean"  # x0 (JiT, Li & He 2025); turned into a velocity before the loss and the ODE step
 
 
-class RectifiedFlow(Sampler):
+class RectifiedFlow(SteppedSampler):
     """Rectified-flow training (velocity loss, logit-normal t, sequence-length time shift) with Euler sampling."""
 
     def __init__(
@@ -80,14 +87,8 @@ class RectifiedFlow(Sampler):
             return torch.full_like(lengths, self.shift)
         return self.shift * (lengths / self.shift_reference_tokens).sqrt()
 
-    def training_loss(
-        self,
-        model_fn: ModelFn,
-        clean: PackedSequence,
-        generator: torch.Generator | None = None,
-        loss_mask: Tensor | None = None,
-    ) -> Tensor:
-        """``loss_mask`` [N] bool limits the loss to those tokens (frame conditioning leaves given frames out)."""
+    def training_loss(self, model_fn: ModelFn, clean: PackedSequence, generator: torch.Generator | None = None,
+                      loss_mask: Tensor | None = None) -> Tensor:
         x0 = clean.tokens  # [N, D]
         device = x0.device
         logits = torch.randn(clean.num_samples, generator=generator, device=device) * self.logit_std + self.logit_mean
@@ -127,6 +128,12 @@ class RectifiedFlow(Sampler):
             raise ValueError(f"RectifiedFlow: start_t={start_t} < 1 needs the clean ``start`` to noise")
         return noise.with_tokens((1 - start_t) * start.tokens + start_t * noise.tokens)
 
+    def begin(self, noise: PackedSequence, steps: int, start_t: float = 1.0,
+              start: PackedSequence | None = None) -> FlowRun:
+        """A run on the shifted time grid from ``start_t`` (``start`` noised to it when < 1) down to 0."""
+        times = self.schedule(steps, noise, start_t)  # [S + 1, B]
+        return FlowRun(self.start_point(noise, start_t, start), steps, times)
+
     @torch.no_grad()
     def sample(
         self,
@@ -137,17 +144,16 @@ class RectifiedFlow(Sampler):
         start_t: float = 1.0,
         start: PackedSequence | None = None,
     ) -> PackedSequence:
-        """Euler integration of the learned ODE (first order; one model call per step). With ``start_t`` < 1 it
-        integrates from ``start`` noised to ``start_t`` instead of from pure noise (SDEdit), in ``steps`` steps."""
-        times = self.schedule(steps, noise, start_t)  # [S + 1, B]
-        x = self.start_point(noise, start_t, start)
-        for i in range(steps):
-            t, t_next = times[i], times[i + 1]  # [B]
-            t_tok = x.per_token(t)[:, None].to(x.tokens.dtype)  # [N, 1]
-            velocity = self.velocity(model_fn(x, t).tokens, x.tokens, t_tok)  # [N, D]
-            dt = x.per_token(t_next - t)[:, None].to(velocity.dtype)  # [N, 1], negative
-            x = x.with_tokens(x.tokens + dt * velocity)
-            if callback is not None:
-                callback(i, t_next, x)
-        return x
+        """Integrate the learned ODE from t = 1 to 0 in ``steps`` steps. With ``start_t`` < 1 it integrates from
+        ``start`` noised to ``start_t`` instead of from pure noise (SDEdit)."""
+        return self.run_steps(model_fn, self.begin(noise, steps, start_t, start), callback)
 
+    def step(self, model_fn: ModelFn, run: FlowRun, k: int) -> Tensor:
+        """Euler (first order; one model call per step)."""
+        x = run.x
+        t, t_next = run.times[k], run.times[k + 1]  # [B]
+        t_tok = x.per_token(t)[:, None].to(x.tokens.dtype)  # [N, 1]
+        velocity = self.velocity(model_fn(x, t).tokens, x.tokens, t_tok)  # [N, D]
+        dt = x.per_token(t_next - t)[:, None].to(velocity.dtype)  # [N, 1], negative
+        run.x = x.with_tokens(x.tokens + dt * velocity)
+        return t_next

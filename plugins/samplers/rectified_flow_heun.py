@@ -14,40 +14,26 @@ calls per step buy a global error of O(1/steps^2) instead of Euler's O(1/steps).
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
-from framework.core.interfaces import ModelFn, StepCallback
-from framework.layers.packing import PackedSequence
-from plugins.samplers.rectified_flow import FlowPrediction, RectifiedFlow
+from framework.core.interfaces import ModelFn
+from plugins.samplers.rectified_flow import FlowPrediction, FlowRun, RectifiedFlow
 
 
 class RectifiedFlowHeun(RectifiedFlow):
-    """Rectified-flow training with Heun (2nd-order) sampling on the shifted schedule: 2 model calls per step."""
+    """Rectified-flow training with Heun (2nd-order) sampling on the shifted schedule: 2 model calls per step.
+    Only the step differs from RectifiedFlow (the loop, schedule and SDEdit start are its)."""
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model_fn: ModelFn,
-        noise: PackedSequence,
-        steps: int,
-        callback: StepCallback | None = None,
-        start_t: float = 1.0,
-        start: PackedSequence | None = None,
-    ) -> PackedSequence:
-        """``start_t`` < 1 starts from ``start`` noised to that level (SDEdit), as in ``RectifiedFlow.sample``."""
-        times = self.schedule(steps, noise, start_t)  # [S + 1, B]
-        x = self.start_point(noise, start_t, start)
-        for i in range(steps):
-            t, t_next = times[i], times[i + 1]  # [B]
-            t_tok, t_next_tok = (x.per_token(a)[:, None].to(x.tokens.dtype) for a in (t, t_next))  # each [N, 1]
-            velocity = self.velocity(model_fn(x, t).tokens, x.tokens, t_tok)  # [N, D]
-            predicted = x.tokens + (t_next_tok - t_tok) * velocity  # [N, D] Euler predictor
-            if i + 1 < steps or self.prediction is FlowPrediction.VELOCITY:
-                output = model_fn(x.with_tokens(predicted), t_next).tokens  # [N, D]
-                velocity_next = self.velocity(output, predicted, t_next_tok)  # slope at the end of the step
-                x = x.with_tokens(x.tokens + (t_next_tok - t_tok) * 0.5 * (velocity + velocity_next))  # trapezoid
-            else:  # a clean-data prediction has no finite velocity at t = 0; the Euler step lands on it exactly
-                x = x.with_tokens(predicted)
-            if callback is not None:
-                callback(i, t_next, x)
-        return x
+    def step(self, model_fn: ModelFn, run: FlowRun, k: int) -> Tensor:
+        x = run.x
+        t, t_next = run.times[k], run.times[k + 1]  # [B]
+        t_tok, t_next_tok = (x.per_token(a)[:, None].to(x.tokens.dtype) for a in (t, t_next))  # each [N, 1]
+        velocity = self.velocity(model_fn(x, t).tokens, x.tokens, t_tok)  # [N, D]
+        predicted = x.tokens + (t_next_tok - t_tok) * velocity  # [N, D] Euler predictor
+        if k + 1 < run.num_steps or self.prediction is FlowPrediction.VELOCITY:
+            output = model_fn(x.with_tokens(predicted), t_next).tokens  # [N, D]
+            velocity_next = self.velocity(output, predicted, t_next_tok)  # slope at the end of the step
+            run.x = x.with_tokens(x.tokens + (t_next_tok - t_tok) * 0.5 * (velocity + velocity_next))  # trapezoid
+        else:  # a clean-data prediction has no finite velocity at t = 0; the Euler step lands on it exactly
+            run.x = x.with_tokens(predicted)
+        return t_next

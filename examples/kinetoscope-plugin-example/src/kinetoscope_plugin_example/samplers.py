@@ -10,37 +10,25 @@ works for ``prediction: clean`` (whose velocity ``(x - x0) / t`` is singular at 
 
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
-from framework.core.interfaces import ModelFn, StepCallback
-from framework.layers.packing import PackedSequence
-from plugins.samplers.rectified_flow import RectifiedFlow
+from framework.core.interfaces import ModelFn
+from plugins.samplers.rectified_flow import FlowRun, RectifiedFlow
 
 
 class RectifiedFlowMidpoint(RectifiedFlow):
-    """Rectified-flow training with midpoint-method (RK2) sampling: 2 model calls per step, none at t = 0."""
+    """Rectified-flow training with midpoint-method (RK2) sampling: 2 model calls per step, none at t = 0.
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model_fn: ModelFn,
-        noise: PackedSequence,
-        steps: int,
-        callback: StepCallback | None = None,
-        start_t: float = 1.0,
-        start: PackedSequence | None = None,
-    ) -> PackedSequence:
-        """``start_t`` < 1 starts from ``start`` noised to that level (SDEdit), as in ``RectifiedFlow.sample``."""
-        times = self.schedule(steps, noise, start_t)  # [S + 1, B]
-        x = self.start_point(noise, start_t, start)
-        for i in range(steps):
-            t, t_next = times[i], times[i + 1]  # [B]
-            t_mid = 0.5 * (t + t_next)  # [B]
-            t_tok, t_mid_tok, t_next_tok = (x.per_token(a)[:, None].to(x.tokens.dtype) for a in (t, t_mid, t_next))
-            velocity = self.velocity(model_fn(x, t).tokens, x.tokens, t_tok)  # [N, D]
-            halfway = x.tokens + (t_mid_tok - t_tok) * velocity  # [N, D] Euler half step
-            velocity_mid = self.velocity(model_fn(x.with_tokens(halfway), t_mid).tokens, halfway, t_mid_tok)  # [N, D]
-            x = x.with_tokens(x.tokens + (t_next_tok - t_tok) * velocity_mid)  # [N, D] full step, midpoint slope
-            if callback is not None:
-                callback(i, t_next, x)
-        return x
+    Only the update step is new: the loop, the shifted time grid and the SDEdit start are RectifiedFlow's
+    (``framework.core.sampling.SteppedSampler``)."""
+
+    def step(self, model_fn: ModelFn, run: FlowRun, k: int) -> Tensor:
+        x = run.x
+        t, t_next = run.times[k], run.times[k + 1]  # [B]
+        t_mid = 0.5 * (t + t_next)  # [B]
+        t_tok, t_mid_tok, t_next_tok = (x.per_token(a)[:, None].to(x.tokens.dtype) for a in (t, t_mid, t_next))
+        velocity = self.velocity(model_fn(x, t).tokens, x.tokens, t_tok)  # [N, D]
+        halfway = x.tokens + (t_mid_tok - t_tok) * velocity  # [N, D] Euler half step
+        velocity_mid = self.velocity(model_fn(x.with_tokens(halfway), t_mid).tokens, halfway, t_mid_tok)  # [N, D]
+        run.x = x.with_tokens(x.tokens + (t_next_tok - t_tok) * velocity_mid)  # [N, D] full step, midpoint slope
+        return t_next
