@@ -7,25 +7,28 @@ Published: TF-Hub 10.13808537, StyleGAN-V's TorchScript port 10.13808477. Needs 
 
     python benchmarks/fvd_reference.py [--num-videos 128] [--batch-size 8]
 
-Writes benchmarks/results/fvd_reference.json.
+Writes benchmarks/results/fvd_reference/<time>-<commit>.json (benchmarks/results_store.py; the first run's
+result is benchmarks/results/fvd_reference.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from framework.metrics.fvd import FrechetVideoDistance, fvd_comparison_videos
-from framework.metrics.i3d_weights import load_i3d
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results_store import save_result  # noqa: E402
+from framework.metrics.fvd import FrechetVideoDistance, fvd_comparison_videos  # noqa: E402
+from framework.metrics.i3d_weights import load_i3d  # noqa: E402
 
 PUBLISHED_TF_HUB = 10.13808537
 PUBLISHED_STYLEGAN_V = 10.13808477
-RESULT = Path(__file__).resolve().parent / "results" / "fvd_reference.json"
 
 
 def main() -> None:
@@ -58,15 +61,11 @@ def main() -> None:
         "i3d_seconds_total": round(seconds, 1),
         "clips": 2 * args.num_videos,
         "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.platform(),
         "note": "published values only apply to num_videos_per_set=128; CPU shared with other jobs, timing noisy",
     }
     print(json.dumps(result, indent=2))
     if args.num_videos == 128:
-        RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {RESULT}")
+        print(f"wrote {save_result('fvd_reference', result)}")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,39 @@
-"""Do the metrics tell real videos from the same videos shuffled in time? (shared/data/videos)
+"""Do the metrics tell real videos from the same videos shuffled in time or stuttering? (shared/data/videos)
 
-Every clip of the developer set is scored as it is and with its frames in a fixed random order (same pixels, broken
-time): the temporal metrics of both versions, and FVD (real TF-Hub I3D, 16-frame clips at 224x224) of the shuffled
+Every clip of the developer set is scored as it is, with its frames in a fixed random order (same pixels, broken
+time) and stuttered (every other frame replaced by a copy of its predecessor): the temporal metrics and the
+frame-repetition flags of all three versions, and FVD (real TF-Hub I3D, 16-frame clips at 224x224) of the shuffled
 set against the originals, next to FVD of the originals against themselves (0 by definition). Clips shorter than 16
 frames are left out of FVD only. Needs the I3D weights for FVD (``kinetoscope fetch-i3d``; else FVD is skipped).
 
-    python benchmarks/metrics_real_clips.py [--videos ../shared/data/videos] [--max-frames 64]
+    python benchmarks/metrics_real_clips.py [--videos ../shared/data/videos] [--max-frames 64] [--no-fvd]
+        [--flow-max-size 256]
 
-Writes benchmarks/results/metrics_real_clips.json.
+Writes benchmarks/results/metrics_real_clips/<time>-<commit>.json (benchmarks/results_store.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from framework.data.manifest import read_manifest
-from framework.metrics.evaluation import VideoMetricSuite
-from framework.metrics.fvd import FrechetVideoDistance
-from framework.metrics.i3d_weights import I3DWeightsMissingError, load_i3d
-from framework.data.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results_store import save_result  # noqa: E402
+from framework.data.manifest import read_manifest  # noqa: E402
+from framework.metrics.evaluation import VideoMetricSuite  # noqa: E402
+from framework.metrics.fvd import FrechetVideoDistance  # noqa: E402
+from framework.metrics.i3d_weights import I3DWeightsMissingError, load_i3d  # noqa: E402
+from framework.metrics.temporal import frame_repetition, temporal_flickering  # noqa: E402
+from framework.data.video_io import VIDEO_SUFFIXES, VideoDecodeError, read_video  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT = REPO / "benchmarks" / "results" / "metrics_real_clips.json"
 
 
 def shuffle_time(video: torch.Tensor, seed: int) -> torch.Tensor:
@@ -36,10 +42,21 @@ def shuffle_time(video: torch.Tensor, seed: int) -> torch.Tensor:
     return video[:, order]  # [3, T, H, W]
 
 
+def stutter(video: torch.Tensor) -> torch.Tensor:
+    """Every other frame replaced by a copy of its predecessor (same length)."""
+    held = video.clone()
+    held[:, 1::2] = video[:, 0::2][:, : held[:, 1::2].shape[1]]
+    return held  # [3, T, H, W]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", default=str(REPO.parent / "shared" / "data" / "videos"))
     parser.add_argument("--max-frames", type=int, default=64)
+    parser.add_argument("--no-fvd", action="store_true", help="temporal metrics and repetition flags only")
+    parser.add_argument("--flow-max-size", type=int, default=256, help="optical flow on frames at most this big")
+    parser.add_argument("--repetition-only", action="store_true",
+                        help="only the per-clip repetition flags and flickering (no optical flow, no FVD): seconds")
     args = parser.parse_args()
     source = Path(args.videos)
     manifest = source / "manifest.csv"
@@ -50,13 +67,15 @@ def main() -> None:
     scored = 0
 
     start = time.perf_counter()
-    temporal = VideoMetricSuite(None)
+    temporal = VideoMetricSuite(None, flow_max_size=args.flow_max_size)
+    stuttered_suite = VideoMetricSuite(None, flow_max_size=args.flow_max_size)
     fvd_results: dict[str, float | int | str] = {}
     try:
-        fvd = FrechetVideoDistance(load_i3d(), batch_size=1)
+        fvd = None if args.no_fvd or args.repetition_only else FrechetVideoDistance(load_i3d(), batch_size=1)
     except I3DWeightsMissingError as e:
         fvd, fvd_results["skipped"] = None, str(e)
     real_features, shuffled_features = [], []
+    per_clip: dict[str, dict] = {}
     fvd_s = 0.0
     for i, path in enumerate(tqdm(paths, desc="scoring", unit="video")):
         if path.suffix.lower() not in VIDEO_SUFFIXES:
@@ -68,15 +87,24 @@ def main() -> None:
             skipped[path.name] = e.reason
             continue
         scored += 1
-        shuffled = shuffle_time(video, i)
+        shuffled, held = shuffle_time(video, i), stutter(video)
+        per_clip[path.name] = {
+            "original": frame_repetition(video), "stuttered": frame_repetition(held),
+            "frozen": frame_repetition(video[:, :1].expand_as(video)),
+            "temporal_flickering": {"original": temporal_flickering(video), "stuttered": temporal_flickering(held)},
+        }
+        if args.repetition_only:
+            continue
         temporal.update([video], real=True)  # "real" = in order, "fake" = shuffled
         temporal.update([shuffled], real=False)
+        stuttered_suite.update([held], real=False)
         if fvd is not None and video.shape[1] >= 16:
             fvd_start = time.perf_counter()
             real_features.append(fvd.extract_features([video]))  # [1, 400]
             shuffled_features.append(fvd.extract_features([shuffled]))  # [1, 400]
             fvd_s += time.perf_counter() - fvd_start
-    temporal_results = temporal.compute()
+    temporal_results = {} if args.repetition_only else temporal.compute()
+    stuttered_results = {} if args.repetition_only else stuttered_suite.compute()
     temporal_s = time.perf_counter() - start - fvd_s
 
     if fvd is not None:
@@ -95,16 +123,23 @@ def main() -> None:
         "videos": scored,
         "skipped": skipped,
         "max_frames": args.max_frames,
+        "flow_max_size": args.flow_max_size,
         "temporal_ordered": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("real/")},
         "temporal_shuffled": {k.split("/", 1)[1]: v for k, v in temporal_results.items() if k.startswith("fake/")},
+        "temporal_stuttered": {k.split("/", 1)[1]: v for k, v in stuttered_results.items()},
+        "repetition_summary": {
+            version: {flag: sum(clip[version][flag] for clip in per_clip.values()) for flag in ("stuttering", "static")}
+            for version in ("original", "stuttered", "frozen")
+        },
+        "stutter_improves_flickering": sum(c["temporal_flickering"]["stuttered"] > c["temporal_flickering"]["original"]
+                                           for c in per_clip.values()),
+        "per_clip": per_clip,
         "temporal_seconds": round(temporal_s, 1),
         **fvd_results,
-        "note": "2 shared CPU cores; flow on frames downscaled to <= 256 px",
+        "note": f"2 shared CPU cores; flow on frames downscaled to <= {args.flow_max_size} px",
     }
     print(json.dumps(result, indent=2))
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULT}")
+    print(f"wrote {save_result('metrics_real_clips', result)}")
 
 
 if __name__ == "__main__":

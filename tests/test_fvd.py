@@ -9,6 +9,7 @@ also needs ``KINETOSCOPE_SLOW=1`` (about 10 minutes on 2 CPU cores).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import os
@@ -19,12 +20,18 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.kid import poly_mmd
 
+from framework.data.video_io import RGBConversion, write_video
+from framework.metrics.evaluation import load_videos
 from framework.metrics.frechet import covariance_from_sums, frechet_distance, symmetric_sqrtm, trace_sqrt_product
 from framework.metrics.fvd import (
+    ClipStart,
     FrechetVideoDistance,
+    FVDPreset,
+    FVDProtocol,
     ResizeKernel,
     fvd_comparison_videos,
     polynomial_mmd,
@@ -195,9 +202,13 @@ def test_kid_matches_torchmetrics_poly_mmd_and_is_reported():
 
 def test_clip_length_and_frame_stride_pick_the_protocol_frames():
     video = torch.arange(20, dtype=torch.float32).reshape(1, 1, 20, 1, 1).expand(1, 3, 20, 4, 4) / 20  # frame t = t/20
-    clips = prepare_clips(video, clip_length=3, frame_stride=8, size=4)
+    protocol = FVDPreset.ORIGINAL_TF1.value.with_overrides(clip_length=3, frame_stride=8)
+    assert protocol.name == "original_tf1 (clip_length=3, frame_stride=8)" and protocol.span == 17
+    clips = prepare_clips(video, protocol, size=4)
     assert clips.shape == (1, 3, 3, 4, 4)
     assert clips[0, 0, :, 0, 0].tolist() == pytest.approx([0.0, 0.4, 0.8])  # frames 0, 8, 16
+    middle = dataclasses.replace(protocol, clip_start=ClipStart.MIDDLE)  # 20 frames, span 17: starts at frame 1
+    assert prepare_clips(video, middle, size=4)[0, 0, :, 0, 0].tolist() == pytest.approx([0.05, 0.45, 0.85])
 
 
 def test_resize_kernels_tf1_and_half_pixel():
@@ -373,3 +384,130 @@ def test_published_fvd_comparison_check():
             with torch.no_grad():
                 metric.update_features(i3d(batch), real=real)
     assert float(metric.compute()["fvd"]) == pytest.approx(10.13808537, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- protocol presets
+
+
+class SmallVideoNet(nn.Module):
+    """A cheap stand-in for I3D that still sees space, time and colour: strided 3-D conv, ReLU, mean -> [B, 8]."""
+
+    num_features = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(3, 8, (2, 16, 16), stride=(2, 16, 16))
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:  # clips: [B, 3, T, 224, 224]
+        return torch.relu(self.conv(clips)).mean(dim=(2, 3, 4)) * 10  # [B, 8]
+
+
+def coloured_clip(frames: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Saturated colour blocks drifting over a gradient [3, T, H, W] in [-1, 1]: chroma edges, so the decode
+    conversions differ, and detail at every scale, so the resize conventions do."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(3, frames // 4 + 2, height // 6 + 2, width // 6 + 2, generator=g)  # [3, t, h, w]
+    video = F.interpolate(coarse[None], size=(frames, height, width), mode="nearest")[0]
+    shift = torch.arange(frames)[:, None] * 2  # drifts 2 px per frame
+    columns = (torch.arange(width)[None] + shift) % width  # [T, W]
+    video = torch.stack([video[:, t][:, :, columns[t]] for t in range(frames)], dim=1)
+    return video * 2 - 1
+
+
+def reference_decode(path, conversion: RGBConversion) -> np.ndarray:
+    """PyAV directly: uint8 [T, H, W, 3], as each protocol's own pipeline decodes."""
+    import av
+    from av.video.reformatter import Colorspace, Interpolation
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            if conversion is RGBConversion.PLAIN_RGB24:  # StyleGAN-V / TATS / torchvision: swscale defaults
+                frames.append(frame.to_ndarray(format="rgb24"))
+            else:  # bicubic, accurate rounding, full chroma, honouring the BT.709 tag (1) that write_video sets
+                flags = (int(Interpolation.BICUBIC) | int(Interpolation.ACCURATE_RND)
+                         | int(Interpolation.FULL_CHR_H_INP) | int(Interpolation.FULL_CHR_H_INT))
+                source = Colorspace.ITU709 if frame.colorspace == 1 else None
+                frames.append(frame.reformat(format="rgb24", src_colorspace=source, interpolation=flags).to_ndarray())
+    return np.stack(frames)
+
+
+def reference_resize_axis(n_in: int, n_out: int, kernel: ResizeKernel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of one axis, written from each convention's formula."""
+    dst = np.arange(n_out, dtype=np.float64)
+    if kernel is ResizeKernel.TF1_BILINEAR:  # tf.image.resize_bilinear(align_corners=False), TF1: src = dst·in/out
+        src = dst * n_in / n_out
+    else:  # half-pixel centres: src = (dst + ½)·in/out − ½, clamped at 0 (PyTorch's and OpenCV's bilinear)
+        src = np.maximum((dst + 0.5) * n_in / n_out - 0.5, 0.0)
+    low = np.minimum(np.floor(src).astype(int), n_in - 1)
+    return low, np.minimum(low + 1, n_in - 1), src - low
+
+
+def reference_resize(frames: np.ndarray, size: int, kernel: ResizeKernel) -> np.ndarray:
+    """Bilinear resize of float64 frames [T, H, W, 3] to [T, size, size, 3]."""
+    y0, y1, fy = reference_resize_axis(frames.shape[1], size, kernel)
+    x0, x1, fx = reference_resize_axis(frames.shape[2], size, kernel)
+    rows = frames[:, y0] * (1 - fy)[None, :, None, None] + frames[:, y1] * fy[None, :, None, None]
+    return rows[:, :, x0] * (1 - fx)[None, None, :, None] + rows[:, :, x1] * fx[None, None, :, None]
+
+
+def reference_fvd(paths: dict[bool, list], protocol: FVDProtocol, net: nn.Module) -> float:
+    """The protocol written out independently: PyAV decode, numpy clip selection and resize, the same network,
+    numpy/scipy Fréchet distance; short videos dropped when the protocol says so."""
+    features = {}
+    for real, files in paths.items():
+        rows = []
+        for path in files:
+            frames = reference_decode(path, protocol.decode)  # [T, H, W, 3] uint8
+            span = (protocol.clip_length - 1) * protocol.frame_stride + 1
+            if len(frames) < span:
+                assert protocol.skip_short_videos
+                continue
+            first = 0 if protocol.clip_start is ClipStart.FIRST else (len(frames) - span) // 2
+            clip = frames[first: first + span: protocol.frame_stride].astype(np.float64) / 127.5 - 1
+            clip = reference_resize(clip, 224, protocol.resize)  # [L, 224, 224, 3]
+            with torch.no_grad():
+                rows.append(net(torch.from_numpy(clip).float().permute(3, 0, 1, 2)[None])[0].double().numpy())
+        features[real] = np.stack(rows)
+    return scipy_frechet(features[True], features[False])
+
+
+def write_preset_clips(folder, frames_short: int, frames_long: int) -> dict[bool, list]:
+    """6 real and 6 fake MP4s of mixed sizes (odd sizes too), one of each set shorter than the clip span."""
+    paths: dict[bool, list] = {True: [], False: []}
+    sizes = [(40, 56), (36, 36), (30, 44), (48, 34), (33, 41), (44, 52)]
+    for real in (True, False):
+        for i, (height, width) in enumerate(sizes):
+            frames = frames_short if i == 5 else frames_long
+            video = coloured_clip(frames, height, width, seed=i + (0 if real else 100))
+            if not real:
+                video = (video * 0.8 + 0.1).clamp(-1, 1)
+            paths[real].append(write_video(folder / ("real" if real else "fake") / f"clip_{i}.mp4", video, fps=8))
+    return paths
+
+
+@pytest.mark.parametrize("preset", list(FVDPreset), ids=lambda p: p.name)
+def test_each_fvd_preset_reproduces_its_independent_reference(tmp_path, preset):
+    protocol = preset.value
+    long = protocol.span + 6  # a longer video: where the clip starts matters
+    paths = write_preset_clips(tmp_path, frames_short=protocol.span - 1, frames_long=long)
+    torch.manual_seed(0)
+    net = SmallVideoNet().eval()
+    metric = FrechetVideoDistance(net, protocol)
+    for real in (True, False):
+        loaded = load_videos(tmp_path / ("real" if real else "fake"), conversion=protocol.decode,
+                             min_frames=protocol.span if protocol.skip_short_videos else 1)
+        if not protocol.skip_short_videos:  # the original protocol refuses a short video instead of dropping it
+            with pytest.raises(ValueError, match=f"needs at least {protocol.span}"):
+                metric.extract_features(loaded.videos)
+            loaded.videos = [v for v in loaded.videos if v.shape[1] >= protocol.span]
+        metric.update(loaded.videos, real=real)
+    if not protocol.skip_short_videos:
+        paths = {real: files[:5] for real, files in paths.items()}
+    ours = float(metric.compute()["fvd"])
+    assert ours == pytest.approx(reference_fvd(paths, protocol, net), rel=1e-4)
+    # The reference is discriminating: each other choice of resize or decode misses it by far more than 1e-4.
+    for change in ({"resize": next(k for k in ResizeKernel if k is not protocol.resize)},
+                   {"decode": next(c for c in RGBConversion if c is not protocol.decode)}):
+        other = reference_fvd(paths, dataclasses.replace(protocol, **change), net)
+        assert abs(other / ours - 1) > 1e-3, change

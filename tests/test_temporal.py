@@ -9,11 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.data.video_io import read_video, write_video
 from framework.metrics.temporal import (
     AdjacentFrameConsistency,
+    FrameRepetition,
     OpticalFlowMetrics,
     TemporalFlickering,
+    frame_repetition,
     occlusion_mask,
+    temporal_flickering,
     warp,
 )
 
@@ -139,3 +143,36 @@ def test_bad_input_gives_clear_errors():
         TemporalFlickering().update(torch.full((1, 3, 4, 8, 8), float("nan")))
     with pytest.warns(UserWarning, match="before the ``update``"), pytest.raises(ValueError, match="before any video"):
         TemporalFlickering().compute()  # torchmetrics warns, then our compute() refuses
+
+
+def stutter(video: torch.Tensor) -> torch.Tensor:
+    """Every other frame replaced by a copy of its predecessor (same length, half the distinct frames)."""
+    held = video.clone()
+    held[:, 1::2] = video[:, 0::2][:, : held[:, 1::2].shape[1]]
+    return held
+
+
+def test_frame_repetition_flags_a_stuttered_clip_and_a_frozen_one_but_not_the_original(tmp_path):
+    original = moving_video(16)
+    scores = frame_repetition(original)
+    assert scores == {"repeated_frames": 0.0, "stuttering": 0.0, "static": 0.0}
+    held = frame_repetition(stutter(original))
+    assert held["repeated_frames"] == pytest.approx(8 / 15) and held["stuttering"] == 1.0 and held["static"] == 0.0
+    frozen = frame_repetition(original[:, :1].expand_as(original))
+    assert frozen == {"repeated_frames": 1.0, "stuttering": 0.0, "static": 1.0}
+    # Through a lossy codec a copied frame is no longer bit-identical: the flags must survive H.264.
+    decoded, _ = read_video(write_video(tmp_path / "stuttered.mp4", stutter(original), fps=8))
+    assert frame_repetition(decoded)["stuttering"] == 1.0
+    decoded, _ = read_video(write_video(tmp_path / "original.mp4", original, fps=8))
+    assert frame_repetition(decoded)["stuttering"] == 0.0
+
+
+def test_stutter_games_flickering_which_is_why_it_is_flagged():
+    """The reason for the measure: held frames score *better* flickering than the real motion (on real clips also
+    a better warping error for most; benchmarks/metrics_real_clips.py)."""
+    original, held = moving_video(16), stutter(moving_video(16))
+    assert temporal_flickering(held) > temporal_flickering(original)
+    metric = FrameRepetition()
+    metric.update([original, held])
+    result = {k: float(v) for k, v in metric.compute().items()}
+    assert result["stuttering"] == 0.5 and result["static"] == 0.0

@@ -27,6 +27,7 @@ Design notes:
 
 from __future__ import annotations
 
+import enum
 import math
 import multiprocessing
 import os
@@ -46,6 +47,7 @@ from torch import Tensor
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "RGBConversion",
     "VIDEO_SUFFIXES",
     "VideoDecodeError",
     "decoding_worker_context",
@@ -76,6 +78,18 @@ _SWS_FLAGS = (
 # FFmpeg enum values (AVCOL_SPC_BT709, AVCOL_PRI_BT709, AVCOL_TRC_BT709, AVCOL_RANGE_MPEG).
 _AVCOL_BT709 = 1
 _AVCOL_RANGE_MPEG = 1
+
+
+class RGBConversion(enum.Enum):
+    """How decoded (YUV) video frames become RGB; the choice moves FVD by about 1 % (docs/metrics.md).
+
+    ``BICUBIC_FULL_CHROMA``: bicubic chroma upsampling with accurate rounding, honouring a BT.709 tag (the default,
+    and the inverse of how :func:`write_video` encodes). ``PLAIN_RGB24``: PyAV's ``frame.to_ndarray(format="rgb24")``
+    with swscale's defaults, as torchvision- and PyAV-based evaluation code (StyleGAN-V, TATS) decodes.
+    """
+
+    BICUBIC_FULL_CHROMA = "bicubic_full_chroma"
+    PLAIN_RGB24 = "plain_rgb24"
 
 
 class VideoDecodeError(ValueError):
@@ -343,9 +357,12 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:
     return 0.0
 
 
-def _frame_to_rgb(frame: av.VideoFrame, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """Decoded frame -> uint8 ``[height, width, 3]`` (default: the frame's size), scaled in the same swscale call,
-    honouring the stream's BT.709 tags."""
+def _frame_to_rgb(frame: av.VideoFrame, height: int | None = None, width: int | None = None,
+                  conversion: RGBConversion = RGBConversion.BICUBIC_FULL_CHROMA) -> np.ndarray:
+    """Decoded frame -> uint8 ``[height, width, 3]`` (default: the frame's size), scaled in the same swscale call;
+    the default conversion honours the stream's BT.709 tags."""
+    if conversion is RGBConversion.PLAIN_RGB24:  # swscale's defaults, as PyAV's frame.to_ndarray(format="rgb24")
+        return _reformatter().reformat(frame, width=width, height=height, format="rgb24").to_ndarray()
     src = Colorspace.ITU709 if frame.colorspace == _AVCOL_BT709 else None
     return _reformatter().reformat(
         frame, width=width, height=height, format="rgb24", src_colorspace=src, interpolation=_SWS_FLAGS
@@ -368,12 +385,13 @@ def _open_video(path: Path) -> Iterator[tuple[av.container.InputContainer, av.vi
         raise VideoDecodeError(path, f"{type(e).__name__}: {e}") from e
 
 
-def read_video(path: str | os.PathLike[str], max_frames: int | None = None) -> tuple[Tensor, float]:
+def read_video(path: str | os.PathLike[str], max_frames: int | None = None,
+               conversion: RGBConversion = RGBConversion.BICUBIC_FULL_CHROMA) -> tuple[Tensor, float]:
     """Decode a video (or a still image) into float ``[3, T, H, W]`` in [-1, 1] and its fps.
 
     Stills (``.png/.jpg/.jpeg/.webp/.bmp``) come back as 1-frame videos with fps 0.0.
-    ``max_frames`` stops decoding early. Raises :class:`VideoDecodeError` for missing,
-    corrupt or frameless files, and for files that decode to fewer frames than their
+    ``max_frames`` stops decoding early; ``conversion`` picks the YUV -> RGB conversion. Raises
+    :class:`VideoDecodeError` for missing, corrupt or frameless files, and for files that decode to fewer frames than their
     container declares (a truncated download must not silently become a shorter clip).
     """
     path = Path(path)
@@ -388,7 +406,7 @@ def read_video(path: str | os.PathLike[str], max_frames: int | None = None) -> t
         declared = stream.frames  # 0 when the container does not say
         fps = _stream_fps(stream)
         for frame in container.decode(stream):
-            frames.append(_frame_to_rgb(frame))  # [H, W, 3]
+            frames.append(_frame_to_rgb(frame, conversion=conversion))  # [H, W, 3]
             if max_frames is not None and len(frames) >= max_frames:
                 break
     if not frames:

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from framework.data.synthetic import SyntheticMovingShapes
+from framework.data.video_io import RGBConversion, write_frame_grid
 from framework.metrics.evaluation import VideoMetricSuite, load_videos
-from framework.metrics.fvd import FrechetVideoDistance
-from framework.data.video_io import write_frame_grid
+from framework.metrics.fvd import FrechetVideoDistance, FVDPreset
 from framework.training.ema import ema_weights
 
 __all__ = ["ManifestReference", "ReferenceVideos", "SyntheticReference", "VideoMetrics", "stack_rows"]
@@ -37,8 +37,9 @@ log = logging.getLogger("kinetoscope.metrics")
 class ReferenceVideos:
     """A fixed set of real clips to compare generated videos with."""
 
-    def load(self) -> tuple[list[Tensor], list[str]]:
-        """-> (videos, each [3, T, H, W] in [-1, 1]; their captions, "" where unknown)."""
+    def load(self, conversion: RGBConversion = RGBConversion.BICUBIC_FULL_CHROMA) -> tuple[list[Tensor], list[str]]:
+        """-> (videos, each [3, T, H, W] in [-1, 1]; their captions, "" where unknown). Files are decoded with
+        ``conversion`` (the FVD protocol's)."""
         raise NotImplementedError
 
 
@@ -50,8 +51,8 @@ class SyntheticReference(ReferenceVideos):
         self.dataset = SyntheticMovingShapes(num_samples=num_videos, sizes=[(frames, height, width)],
                                              object_size=object_size, speed=speed, seed=seed)
 
-    def load(self) -> tuple[list[Tensor], list[str]]:
-        items = [self.dataset[i] for i in range(len(self.dataset))]
+    def load(self, conversion: RGBConversion = RGBConversion.BICUBIC_FULL_CHROMA) -> tuple[list[Tensor], list[str]]:
+        items = [self.dataset[i] for i in range(len(self.dataset))]  # rendered, not decoded: no conversion
         return [item["video"] for item in items], [item["caption"] for item in items]
 
 
@@ -61,8 +62,8 @@ class ManifestReference(ReferenceVideos):
     def __init__(self, path: str, max_videos: int | None = None, max_frames: int | None = None) -> None:
         self.path, self.max_videos, self.max_frames = path, max_videos, max_frames
 
-    def load(self) -> tuple[list[Tensor], list[str]]:
-        loaded = load_videos(self.path, self.max_videos, self.max_frames)
+    def load(self, conversion: RGBConversion = RGBConversion.BICUBIC_FULL_CHROMA) -> tuple[list[Tensor], list[str]]:
+        loaded = load_videos(self.path, self.max_videos, self.max_frames, conversion=conversion)
         for path, why in loaded.skipped.items():
             log.warning("ManifestReference: skipped %s: %s", path, why)
         return loaded.videos, loaded.captions
@@ -82,21 +83,26 @@ class VideoMetrics(L.Callback):
 
     ``fvd_feature_extractor``: ``None`` loads the real TF-Hub I3D (``kinetoscope fetch-i3d`` first); any module
     with ``num_features`` works (tests pass a random ``InceptionI3D``); ``compute_fvd=False`` skips FVD.
-    ``fvd_clip_length`` must not exceed ``frames``; I3D needs at least 9 frames.
+    ``fvd_protocol`` names the preprocessing (``ORIGINAL_TF1``, ``STYLEGAN_V``, ...; recorded with every result);
+    ``fvd_clip_length`` overrides its clip length, whose span must not exceed ``frames``; I3D needs at least 9.
     """
 
     def __init__(self, reference: ReferenceVideos, captions: list[str] | None = None, num_prompts: int = 8,
                  frames: int = 16, height: int = 32, width: int = 32, seed: int = 0,
                  every_n_epochs: int = 1, every_n_steps: int | None = None, sampling_steps: int | None = None,
                  guidance_scale: float | None = None, compute_fvd: bool = True,
-                 fvd_feature_extractor: nn.Module | None = None, fvd_clip_length: int = 16, kid_subsets: int = 0,
+                 fvd_feature_extractor: nn.Module | None = None, fvd_protocol: FVDPreset = FVDPreset.ORIGINAL_TF1,
+                 fvd_clip_length: int | None = None, kid_subsets: int = 0,
                  temporal: bool = True, output_dir: str = "runs/eval", grid_upscale: int = 4) -> None:
         super().__init__()
         if every_n_epochs < 1 or (every_n_steps is not None and every_n_steps < 1):
             raise ValueError(f"VideoMetrics: every_n_epochs/every_n_steps must be >= 1, got "
                              f"{every_n_epochs}/{every_n_steps}")
-        if compute_fvd and fvd_clip_length > frames:
-            raise ValueError(f"VideoMetrics: fvd_clip_length={fvd_clip_length} exceeds the generated frames={frames}")
+        self.fvd_protocol = fvd_protocol.value.with_overrides(fvd_clip_length)
+        if compute_fvd and self.fvd_protocol.span > frames:
+            raise ValueError(f"VideoMetrics: FVD protocol {self.fvd_protocol.name} needs {self.fvd_protocol.span} "
+                             f"frames (clip_length {self.fvd_protocol.clip_length}, stride "
+                             f"{self.fvd_protocol.frame_stride}), more than the generated frames={frames}")
         if compute_fvd and num_prompts < 2:
             raise ValueError(f"VideoMetrics: FVD needs at least 2 generated videos, got num_prompts={num_prompts}")
         self.reference, self.captions, self.num_prompts = reference, captions, num_prompts
@@ -104,7 +110,7 @@ class VideoMetrics(L.Callback):
         self.seed, self.every_n_epochs, self.every_n_steps = seed, every_n_epochs, every_n_steps
         self.sampling_steps, self.guidance_scale = sampling_steps, guidance_scale
         self.compute_fvd, self.fvd_feature_extractor = compute_fvd, fvd_feature_extractor
-        self.fvd_clip_length, self.kid_subsets, self.temporal = fvd_clip_length, kid_subsets, temporal
+        self.kid_subsets, self.temporal = kid_subsets, temporal
         self.output_dir, self.grid_upscale = Path(output_dir), grid_upscale
         self.suite: VideoMetricSuite | None = None
         self.prompts: list[str] = []
@@ -120,9 +126,16 @@ class VideoMetrics(L.Callback):
                 from framework.metrics.i3d_weights import load_i3d
 
                 extractor = load_i3d()
-            fvd = FrechetVideoDistance(extractor, clip_length=self.fvd_clip_length, kid_subsets=self.kid_subsets)
+            fvd = FrechetVideoDistance(extractor, self.fvd_protocol, kid_subsets=self.kid_subsets)
         self.suite = VideoMetricSuite(fvd, temporal=self.temporal).to(pl_module.device)
-        videos, captions = self.reference.load()
+        videos, captions = self.reference.load(self.fvd_protocol.decode)
+        if fvd is not None and self.fvd_protocol.skip_short_videos:
+            short = [i for i, v in enumerate(videos) if v.shape[1] < self.fvd_protocol.span]
+            if short:
+                log.warning("VideoMetrics: %d reference videos are shorter than the %d frames of FVD protocol %s "
+                            "and are left out", len(short), self.fvd_protocol.span, self.fvd_protocol.name)
+            videos = [v for i, v in enumerate(videos) if i not in short]
+            captions = [c for i, c in enumerate(captions) if i not in short]
         if fvd is not None and len(videos) < 2:
             raise ValueError(f"VideoMetrics: the reference set has {len(videos)} videos; FVD needs at least 2")
         self.prompts = list(self.captions) if self.captions else [c for c in captions if c][: self.num_prompts]
@@ -166,6 +179,7 @@ class VideoMetrics(L.Callback):
         if trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             record = {"step": step, "epoch": trainer.current_epoch, "metrics": results,
+                      "fvd_protocol": self.fvd_protocol.record() if self.compute_fvd else None,
                       "prompts": self.prompts, "seeds": [self.seed + i for i in range(len(self.prompts))]}
             (self.output_dir / f"step_{step:07d}.json").write_text(json.dumps(record, indent=2) + "\n")
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as history:

@@ -69,14 +69,24 @@ class BatchNormNoScale(nn.Module):
         self.register_buffer("moving_mean", torch.zeros(channels))
         self.register_buffer("moving_variance", torch.ones(channels))
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [B, C, T, H, W]
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        """The affine map this layer applies: ``scale`` = 1/√(σ² + ε) and ``shift`` = β − μ·scale, each [C]."""
         scale = torch.rsqrt(self.moving_variance + self.eps)  # [C]
-        shift = self.beta - self.moving_mean * scale  # [C]
+        return scale, self.beta - self.moving_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, C, T, H, W]
+        scale, shift = self.scale_and_shift()  # [C] each
         return x * scale[:, None, None, None] + shift[:, None, None, None]  # [B, C, T, H, W]
 
 
 class Unit3D(nn.Module):
-    """Conv3d (TF SAME padding, no bias) -> BatchNorm (no scale) -> ReLU; the logits unit has a bias and neither."""
+    """Conv3d (TF SAME padding, no bias) -> BatchNorm (no scale) -> ReLU; the logits unit has a bias and neither.
+
+    The forward pass folds the inference-time BatchNorm into the convolution (``w·s``, ``β − μ·s`` with
+    ``s = 1/√(σ² + ε)``) and passes symmetric SAME padding to the convolution itself: one conv with a bias and an
+    in-place ReLU instead of pad copy, conv, scale, shift and ReLU (about 2× faster on CPU, equal within float32
+    rounding). Only the stride-2 layers with odd totals still need an explicit asymmetric ``F.pad``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int, int] = (1, 1, 1),
                  stride: tuple[int, int, int] = (1, 1, 1), batch_norm_and_relu: bool = True) -> None:
@@ -85,12 +95,34 @@ class Unit3D(nn.Module):
         self.conv_3d = nn.Conv3d(in_channels, out_channels, kernel, stride, bias=not batch_norm_and_relu)
         self.batch_norm = BatchNormNoScale(out_channels) if batch_norm_and_relu else None
 
+    def folded_weights(self) -> tuple[Tensor, Tensor | None]:
+        """The convolution's (weight [C_out, C_in, kT, kH, kW], bias [C_out]) with the BatchNorm folded in."""
+        if self.batch_norm is None:
+            return self.conv_3d.weight, self.conv_3d.bias
+        scale, shift = self.batch_norm.scale_and_shift()  # [C_out] each
+        return self.conv_3d.weight * scale[:, None, None, None, None], shift
+
     def forward(self, x: Tensor) -> Tensor:  # x: [B, C_in, T, H, W]
-        x = F.pad(x, tf_same_padding(tuple(x.shape[2:]), self.kernel, self.stride))  # [B, C_in, T', H', W']
-        x = self.conv_3d(x)  # [B, C_out, T/s, H/s, W/s]
-        if self.batch_norm is not None:
-            x = F.relu(self.batch_norm(x))  # [B, C_out, T/s, H/s, W/s]
-        return x
+        weight, bias = self.folded_weights()
+        return conv_same(x, weight, bias, self.stride, relu=self.batch_norm is not None)  # [B, C_out, T/s, H/s, W/s]
+
+
+def _symmetric(pad: list[int]) -> tuple[int, ...] | None:
+    """An ``F.pad`` list as a (T, H, W) ``padding=`` tuple when every before/after pair is equal, else None."""
+    pairs = list(zip(pad[0::2], pad[1::2]))
+    if any(before != after for before, after in pairs):
+        return None
+    return tuple(before for before, _ in reversed(pairs))
+
+
+def conv_same(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int, int], relu: bool) -> Tensor:
+    """``F.conv3d`` with TF SAME padding (built into the conv when symmetric), optionally followed by a ReLU."""
+    pad = tf_same_padding(tuple(x.shape[2:]), tuple(weight.shape[2:]), stride)
+    padding = _symmetric(pad)
+    if padding is None:
+        x, padding = F.pad(x, pad), (0, 0, 0)  # [B, C_in, T', H', W']
+    y = F.conv3d(x, weight, bias, stride, padding)  # [B, C_out, T/s, H/s, W/s]
+    return F.relu_(y) if relu else y
 
 
 class MaxPool3dSame(nn.Module):
@@ -101,8 +133,11 @@ class MaxPool3dSame(nn.Module):
         self.kernel, self.stride = kernel, stride
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, C, T, H, W]
-        x = F.pad(x, tf_same_padding(tuple(x.shape[2:]), self.kernel, self.stride), value=float("-inf"))
-        return F.max_pool3d(x, self.kernel, self.stride)  # [B, C, T/s, H/s, W/s]
+        pad = tf_same_padding(tuple(x.shape[2:]), self.kernel, self.stride)
+        padding = _symmetric(pad)  # max_pool3d's own padding is already -inf
+        if padding is None:
+            x, padding = F.pad(x, pad, value=float("-inf")), (0, 0, 0)
+        return F.max_pool3d(x, self.kernel, self.stride, padding)  # [B, C, T/s, H/s, W/s]
 
 
 class InceptionBlock(nn.Module):
@@ -121,13 +156,17 @@ class InceptionBlock(nn.Module):
                                        "Conv3d_0b_1x1": Unit3D(in_channels, c3)})
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, C_in, T, H, W]
-        branches = []
-        for branch in (self.Branch_0, self.Branch_1, self.Branch_2, self.Branch_3):
-            y = x
-            for layer in branch.values():
-                y = layer(y)  # [B, C_branch, T, H, W]
-            branches.append(y)
-        return torch.cat(branches, dim=1)  # [B, C_out, T, H, W]
+        # The three 1x1 convolutions that read x run as one (their weights concatenated): one pass over the input.
+        heads = [self.Branch_0["Conv3d_0a_1x1"], self.Branch_1["Conv3d_0a_1x1"], self.Branch_2["Conv3d_0a_1x1"]]
+        folded = [head.folded_weights() for head in heads]
+        weight = torch.cat([w for w, _ in folded])  # [c0 + c1a + c2a, C_in, 1, 1, 1]
+        bias = torch.cat([b for _, b in folded])  # [c0 + c1a + c2a]
+        y = conv_same(x, weight, bias, (1, 1, 1), relu=True)  # [B, c0 + c1a + c2a, T, H, W]
+        branch_0, branch_1, branch_2 = y.split([w.shape[0] for w, _ in folded], dim=1)
+        branch_1 = self.Branch_1["Conv3d_0b_3x3"](branch_1)  # [B, c1b, T, H, W]
+        branch_2 = self.Branch_2["Conv3d_0b_3x3"](branch_2)  # [B, c2b, T, H, W]
+        branch_3 = self.Branch_3["Conv3d_0b_1x1"](self.Branch_3["MaxPool3d_0a_3x3"](x))  # [B, c3, T, H, W]
+        return torch.cat([branch_0, branch_1, branch_2, branch_3], dim=1)  # [B, C_out, T, H, W]
 
 
 class InceptionI3D(nn.Module):
@@ -175,6 +214,10 @@ class InceptionI3D(nn.Module):
         """Mixed_5c activations [B, 1024, T/8, H/32, W/32] of ``videos`` [B, 3, T, H, W] in [-1, 1]."""
         if videos.ndim != 5 or videos.shape[1] != 3:
             raise ValueError(f"I3D expects videos [B, 3, T, H, W], got shape {list(videos.shape)}")
+        if videos.device.type == "cpu":
+            # oneDNN's 3-D convolutions are about 1.5x faster channels-last (NDHWC); every layer keeps the layout.
+            # Only measured on CPU, so other devices keep the default layout.
+            videos = videos.contiguous(memory_format=torch.channels_last_3d)
         x = self.Conv3d_1a_7x7(videos)  # [B, 64, T/2, H/2, W/2]
         x = self.MaxPool3d_2a_3x3(x)  # [B, 64, T/2, H/4, W/4]
         x = self.Conv3d_2b_1x1(x)  # [B, 64, T/2, H/4, W/4]

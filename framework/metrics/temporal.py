@@ -20,6 +20,10 @@ report the mean over videos (float64 sum and count states, summed across DDP ran
 
 * :class:`TemporalFlickering` (VBench): ``(255 − mean |frame_t − frame_{t+1}|) / 255`` on 8-bit frames. 1 for a
   constant video, 0 for one alternating between black and white.
+* :class:`FrameRepetition`: the fraction of adjacent frame pairs that are (near-)copies, and whether a video
+  stutters (at least a quarter of its frames repeated) or is static (mean adjacent difference under half an 8-bit
+  level). Repeated and frozen frames make warping error, flickering and frame consistency look better than real
+  motion does, so these flags guard those scores.
 * :class:`AdjacentFrameConsistency`: mean ``max(0, cos(φ(frame_t), φ(frame_{t+1})))`` for a pluggable frame feature
   extractor φ (any ``nn.Module`` mapping ``[N, 3, H, W]`` to ``[N, D]``; VBench uses DINO). The default
   :class:`PooledPixelFeatures` needs no weights. 1 for a constant video.
@@ -43,10 +47,14 @@ from framework.data.video_io import to_uint8_frames
 __all__ = [
     "AdjacentFrameConsistency",
     "FarnebackParams",
+    "FrameRepetition",
     "OpticalFlowMetrics",
     "PooledPixelFeatures",
+    "RepetitionThresholds",
     "TemporalFlickering",
+    "adjacent_frame_differences",
     "flow_scores",
+    "frame_repetition",
     "occlusion_mask",
     "temporal_flickering",
     "warp",
@@ -162,12 +170,50 @@ def flow_scores(video: Tensor, params: FarnebackParams = FarnebackParams(),
     }
 
 
-def temporal_flickering(video: Tensor) -> float:
-    """VBench temporal flickering of one video [3, T, H, W] in [-1, 1]: (255 − mean adjacent-frame MAE) / 255."""
+def adjacent_frame_differences(video: Tensor) -> np.ndarray:
+    """Mean absolute difference of each adjacent frame pair on 8-bit frames: [T-1] in [0, 255]."""
     frames = to_uint8_frames(video)  # [T, H, W, 3] uint8
     # One pair at a time in int16: a float64 copy of a 64-frame 720p clip would take 1.4 GB.
-    mae = [np.abs(frames[t + 1].astype(np.int16) - frames[t]).mean() for t in range(len(frames) - 1)]  # T-1
-    return float((255.0 - np.mean(mae)) / 255.0)
+    return np.array([np.abs(frames[t + 1].astype(np.int16) - frames[t]).mean() for t in range(len(frames) - 1)])
+
+
+def temporal_flickering(video: Tensor) -> float:
+    """VBench temporal flickering of one video [3, T, H, W] in [-1, 1]: (255 − mean adjacent-frame MAE) / 255."""
+    return float((255.0 - adjacent_frame_differences(video).mean()) / 255.0)
+
+
+@dataclass(frozen=True)
+class RepetitionThresholds:
+    """When a frame counts as a repeat and a video as stuttering or static (8-bit levels, see ``frame_repetition``).
+
+    A repeat differs from its predecessor by less than ``relative`` × the video's mean adjacent difference, or by
+    less than ``absolute`` levels (a lossy codec never reproduces a copied frame bit for bit, but stays well under
+    one level). A video stutters when at least ``stutter_fraction`` of its pairs are repeats (one frame in four
+    held twice) and is static when its mean adjacent difference is below ``static_level``.
+    """
+
+    relative: float = 0.2
+    absolute: float = 0.25
+    stutter_fraction: float = 0.25
+    static_level: float = 0.5
+
+
+def frame_repetition(video: Tensor, thresholds: RepetitionThresholds = RepetitionThresholds()) -> dict[str, float]:
+    """Repeated-frame fraction and the stuttering / static flags (0 or 1) of one video [3, T, H, W], T >= 2.
+
+    Repeating frames makes warping error and flickering look *better* (a held frame is perfectly consistent with
+    its copy), so these flags say when those scores must not be trusted. The threshold is relative to the video's
+    own motion: in a clip where every other frame is a copy, the pair differences alternate between ~0 and twice
+    the real motion, so half of them fall far below the mean.
+    """
+    differences = adjacent_frame_differences(video)  # [T-1]
+    mean = float(differences.mean())
+    repeats = differences < max(thresholds.absolute, thresholds.relative * mean)  # [T-1]
+    repeated = float(repeats.mean())
+    static = mean < thresholds.static_level
+    return {"repeated_frames": repeated,
+            "stuttering": float(not static and repeated >= thresholds.stutter_fraction),
+            "static": float(static)}
 
 
 class _MeanOverVideos(Metric):
@@ -226,6 +272,22 @@ class TemporalFlickering(_MeanOverVideos):
 
     def score_video(self, video: Tensor) -> dict[str, float]:
         return {"temporal_flickering": temporal_flickering(video)}
+
+
+class FrameRepetition(_MeanOverVideos):
+    """``{"repeated_frames", "stuttering", "static"}``: the mean repeated-pair fraction and the fractions of videos
+    flagged as stuttering or static (:func:`frame_repetition`). 0 for natural footage; read them before trusting
+    warping error, flickering or frame consistency, which repeated or frozen frames improve."""
+
+    score_names = ("repeated_frames", "stuttering", "static")
+    higher_is_better = False
+
+    def __init__(self, thresholds: RepetitionThresholds = RepetitionThresholds(), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.thresholds = thresholds
+
+    def score_video(self, video: Tensor) -> dict[str, float]:
+        return frame_repetition(video, self.thresholds)
 
 
 class PooledPixelFeatures(nn.Module):
