@@ -116,3 +116,56 @@ def test_bad_settings_and_unwrappable_denoisers_are_named(cache) -> None:
         cache(random_denoiser(DiT), threshold=-1.0)
     with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
         cache(random_denoiser(DiT), warmup_steps=0)
+
+
+# ---------------------------------------------------------------------------------------- through the CLI
+def cache_overlay(path, cache: str, threshold: float) -> str:
+    """A predict-time overlay that wraps the quickstart's DiT in a step cache (the checkpoint is unchanged)."""
+    path.write_text(f"""model:
+  init_args:
+    denoiser:
+      class_path: {cache}
+      init_args:
+        denoiser:
+          class_path: DiT
+          init_args: {{width: 128, depth: 4, num_heads: 4}}
+        threshold: {threshold}
+        warmup_steps: 2
+""")
+    return str(path)
+
+
+def test_predict_with_a_cache_config_loads_the_uncached_checkpoint(tmp_path, monkeypatch) -> None:
+    import json
+    import sys
+    from pathlib import Path
+
+    from framework.cli.lightning_cli import cli_main
+    from framework.cli.main import main
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["kinetoscope"])
+    main(["fit", "-c", str(quickstart), "--trainer.max_steps=2", "--data.init_args.batch_size=4",
+          "--data.init_args.num_samples=16", *quiet])
+    predict = ["predict", "-c", str(quickstart), "--ckpt_path", "last", "--model.init_args.sampling_steps=8",
+               "--trainer.callbacks+=framework.generation.writer.VideoWriter", *quiet]
+
+    def run(name: str, *overlay: str) -> list[bytes]:
+        out = tmp_path / name
+        runs.append(cli_main([*predict[:3], *overlay, *predict[3:], f"--trainer.default_root_dir={tmp_path / 'runs/quickstart'}",
+              f"--trainer.callbacks.output_dir={out}", "--trainer.callbacks.formats=[gif]"]))
+        rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+        assert len(rows) == 4
+        return [(out / row["files"][0]).read_bytes() for row in rows]
+
+    runs = []
+    plain = run("plain")
+    exact = run("exact", "-c", cache_overlay(tmp_path / "exact.yaml", "FirstBlockCache", 0.0))
+    assert exact == plain  # threshold 0: the same videos, byte for byte
+    skipping = run("skipping", "-c", cache_overlay(tmp_path / "skip.yaml", "TimestepEmbeddingCache", 100.0))
+    cache = runs[-1].model.denoiser
+    assert isinstance(cache, TimestepEmbeddingCache)
+    assert (cache.state.calls, cache.state.skipped) == (8, 6)  # the last prompt: every call after the warm-up
+    assert len(skipping) == len(plain)
