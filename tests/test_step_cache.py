@@ -169,3 +169,33 @@ def test_predict_with_a_cache_config_loads_the_uncached_checkpoint(tmp_path, mon
     assert isinstance(cache, TimestepEmbeddingCache)
     assert (cache.state.calls, cache.state.skipped) == (8, 6)  # the last prompt: every call after the warm-up
     assert len(skipping) == len(plain)
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_a_diffusers_wan_transformer_is_wrapped_through_its_blocks(cache, tmp_path) -> None:
+    pytest.importorskip("diffusers", reason="optional extra: pip install 'kinetoscope[diffusers]'")
+    from pretrained_fixtures import tiny_wan_transformer
+
+    from plugins.denoisers.diffusers_transformer import DiffusersVideoTransformer
+
+    torch.manual_seed(0)
+    tiny_wan_transformer(in_channels=4, text_dim=16).save_pretrained(tmp_path / "t")
+    denoiser = DiffusersVideoTransformer(tmp_path / "t", subfolder=None).eval()
+    with torch.no_grad():
+        for p in denoiser.parameters():  # Wan zero-initialises parts; random weights make the residuals nonzero
+            p.normal_(0.0, 0.05)
+    g = torch.Generator().manual_seed(0)
+    noise = PackedSequence.from_grids([torch.randn(2, 4, 6, 4, generator=g)])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    cond = Conditioning(torch.randn(1, 5, 16, generator=g), mask, torch.randn(1, 16, generator=g))
+    null = Conditioning(torch.zeros(1, 5, 16), mask, torch.zeros(1, 16))
+
+    def run(d) -> torch.Tensor:
+        with torch.no_grad():
+            return RectifiedFlow().sample(guided_model_fn(d, cond, null, SCALE), noise, 6).tokens
+
+    expected = run(denoiser)
+    assert torch.equal(run(cache(denoiser, threshold=1e-12).eval()), expected)  # intercepted, never skipping
+    skipping = cache(denoiser, threshold=100.0, warmup_steps=2).eval()
+    cached = run(skipping)
+    assert skipping.state.skipped == 4 and torch.isfinite(cached).all()
