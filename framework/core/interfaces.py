@@ -209,6 +209,13 @@ class Denoiser(nn.Module, ABC):
         every step of one sampling run with these weights. Default: nothing to precompute."""
         return cond
 
+    def block_stack(self) -> nn.ModuleList:
+        """The transformer blocks ``forward`` runs in order, each taking the hidden states first (positionally or
+        as ``hidden_states``) and returning them (or a tuple starting with them); step caches
+        (``plugins/denoisers/step_cache.py``) skip them. Default: the denoiser exposes none."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its transformer blocks (block_stack), "
+                                  "so a step cache cannot wrap it")
+
 
 # ----------------------------------------------------------------------------------------------------- sampler
 ModelFn = Callable[[PackedSequence, Tensor], PackedSequence]

@@ -83,6 +83,9 @@ class AdaLNZeroDenoiser(Denoiser):
         self.micro_embed = MicroConditionEmbedder(self.micro_conditions, self.width) if self.micro_conditions else None
         self.io: DenoiserIO | None = None
 
+    def block_stack(self) -> nn.ModuleList:
+        return self.blocks
+
     @abstractmethod
     def build_blocks(self, size: TransformerSize, mlp_ratio: float, attention: AttentionBackend) -> Iterable[nn.Module]:
         """The model's ``size.depth`` transformer blocks."""

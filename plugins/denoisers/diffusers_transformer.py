@@ -50,6 +50,7 @@ class TransformerFamily:
     own scale, text ``[B, L, d]`` with mask ``[B, L]`` -> prediction ``[B, c, t, h, w]``."""
 
     call: Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor, CallContext], Tensor]
+    blocks: Callable[[nn.Module], nn.ModuleList]  # the model's transformer blocks, in call order
 
 
 def _call_wan(model: nn.Module, latents: Tensor, timestep: Tensor, text: Tensor, mask: Tensor,
@@ -70,8 +71,8 @@ def _call_ltx(model: nn.Module, latents: Tensor, timestep: Tensor, text: Tensor,
 
 
 FAMILIES: dict[str, TransformerFamily] = {
-    "WanTransformer3DModel": TransformerFamily(call=_call_wan),
-    "LTXVideoTransformer3DModel": TransformerFamily(call=_call_ltx),
+    "WanTransformer3DModel": TransformerFamily(call=_call_wan, blocks=lambda model: model.blocks),
+    "LTXVideoTransformer3DModel": TransformerFamily(call=_call_ltx, blocks=lambda model: model.transformer_blocks),
 }
 
 
@@ -126,6 +127,9 @@ class DiffusersVideoTransformer(Denoiser):
         if io.context_dim != self.text_dim:
             raise ValueError(f"DiffusersVideoTransformer: {str(self.folder)!r} takes text features of width "
                              f"{self.text_dim}, the conditioner gives {io.context_dim}")
+
+    def block_stack(self) -> nn.ModuleList:
+        return self.family.blocks(self.transformer)
 
     def check_latent_size(self, size: tuple[int, int, int]) -> None:
         """Raise naming the dimension of a latent (t, h, w) that the transformer's patches do not divide."""
