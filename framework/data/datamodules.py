@@ -29,7 +29,7 @@ from framework.data.manifest import (
     read_manifest,
 )
 from framework.data.prompts import PromptDataset, Prompts, collate_prompts, load_prompt_requests
-from framework.data.resumable import ResumableDataLoader
+from framework.data.resumable import resumable_loader
 from framework.data.synthetic import SyntheticMovingShapes
 from framework.data.video_io import decoding_worker_context
 
@@ -110,13 +110,8 @@ class SyntheticVideoDataModule(GenerationDataModule):
         return TokenBudgetBatchSampler(tokens, self.tokens_per_batch, seed=self.seed, max_batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(  # its mid-epoch position is saved in checkpoints (exact resume)
-            self.dataset,
-            batch_sampler=self.batch_sampler(),
-            collate_fn=collate_videos,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        # its mid-epoch position is saved in checkpoints (exact resume)
+        return resumable_loader(self.dataset, self.batch_sampler(), collate_videos, self.num_workers)
 
 
 class Batching(str, enum.Enum):
@@ -213,12 +208,7 @@ class ManifestVideoDataModule(GenerationDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(  # its mid-epoch position is saved in checkpoints (exact resume)
-            self.dataset,
-            batch_sampler=self.batch_sampler(),
-            collate_fn=collate_manifest,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            # workers decode video: never fork them from a process whose decoder threads they cannot inherit
-            multiprocessing_context=decoding_worker_context() if self.num_workers > 0 else None,
-        )
+        # its mid-epoch position, workers' included, is saved in checkpoints (exact resume); workers decode video:
+        # never fork them from a process whose decoder threads they cannot inherit
+        return resumable_loader(self.dataset, self.batch_sampler(), collate_manifest, self.num_workers,
+                                decoding_worker_context() if self.num_workers > 0 else None)
