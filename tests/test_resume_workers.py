@@ -1,6 +1,7 @@
-"""Exact resume with DataLoader workers on the manifest path: a ``kinetoscope fit`` on real mp4 files with
-``num_workers: 2`` and random clip starts, SIGKILLed mid-epoch (with its workers) and resumed with
-``--ckpt_path last``, logs the same per-step losses and sample ids, bit for bit, as an uninterrupted run.
+"""Exact resume with DataLoader workers: a ``kinetoscope fit`` with ``num_workers: 2``, SIGKILLed mid-epoch (with its
+workers) and resumed with ``--ckpt_path last``, logs the same per-step losses and sample ids, bit for bit, as an
+uninterrupted run -- on the manifest path (real mp4 files, random clip starts) and on the streaming path (the same
+files through ``kinetoscope optimize`` and LitData's ``StreamingDataLoader``, whose state Lightning checkpoints).
 
 What makes it hold (``framework/data/resumable.py``): torchdata's ``StatefulDataLoader`` saves the batch sampler's
 epoch and position, the workers' base seed, which worker yields next, and each worker's dataset state -- the
@@ -22,7 +23,10 @@ from framework.training.checkpointing import load_checkpoint_safely
 from framework.training.reliability import read_loss_log
 from manifest_media import REPO, write_manifest, write_numbered_mp4, write_still
 
-CONFIG = REPO / "tests" / "reliability" / "tiny_manifest_resume.yaml"
+import yaml
+
+CONFIGS = {"manifest": REPO / "tests" / "reliability" / "tiny_manifest_resume.yaml",
+           "stream": REPO / "tests" / "reliability" / "tiny_stream_resume.yaml"}
 RUN = Path("runs") / "tiny_manifest"
 MAX_STEPS = 14  # 5 batches per epoch (4 of two clips, 1 of stills): the run crosses two epoch boundaries
 TIMEOUT_S = 300
@@ -41,10 +45,25 @@ def media(folder: Path) -> Path:
     return write_manifest(folder / "manifest.csv", rows)
 
 
-def start(cwd: Path, manifest: Path, *extra: str) -> subprocess.Popen:
+def optimize(tmp: Path, manifest: Path) -> Path:
+    """``kinetoscope optimize`` of the manifest (clip windows fixed at random starts) into small LitData chunks, so
+    that both workers stream some."""
+    config = yaml.safe_load(CONFIGS["manifest"].read_text())
+    config["data"]["init_args"]["manifest"] = str(manifest)
+    (tmp / "optimize.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "framework.cli.main", "optimize", "-c", str(tmp / "optimize.yaml"),
+               "--output", str(tmp / "optimized"), "--workers", "2", "--chunk-bytes", "50KB"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return tmp / "optimized"
+
+
+def start(cwd: Path, path: str, source: Path, *extra: str) -> subprocess.Popen:
     cwd.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "framework.cli.main", "fit", "-c", str(CONFIG),
-               f"--data.init_args.manifest={manifest}", "--data.init_args.num_workers=2", *extra]
+    source_key = "manifest" if path == "manifest" else "input_dir"
+    command = [sys.executable, "-m", "framework.cli.main", "fit", "-c", str(CONFIGS[path]),
+               f"--data.init_args.{source_key}={source}", "--data.init_args.num_workers=2", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # its own session, so a kill takes the workers and the fork server with it
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -72,24 +91,36 @@ def step_ids(run_dir: Path) -> dict[int, list[str]]:
     return ids
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("resume_workers")
-    manifest = media(tmp / "media")
-    reference = start(tmp / "reference", manifest)
-    victim = start(tmp / "resumed", manifest)
+@pytest.fixture(scope="module", params=["manifest", "stream"])
+def runs(request, tmp_path_factory) -> tuple[Path, Path]:
+    path = request.param
+    if path == "stream":
+        pytest.importorskip("litdata")
+    tmp = tmp_path_factory.mktemp(f"resume_workers_{path}")
+    source = media(tmp / "media")
+    if path == "stream":
+        source = optimize(tmp, source)
+    reference = start(tmp / "reference", path, source)
+    victim = start(tmp / "resumed", path, source)
     losses = tmp / "resumed" / RUN / "losses.jsonl"
     deadline = time.monotonic() + TIMEOUT_S
-    # kill once the step-6 checkpoint (one batch into epoch 1) is written and step 7 trained
-    while not (losses.is_file() and max(read_loss_log(losses), default=0) >= 7):
+    # kill once a mid-epoch checkpoint is written and the next step trained: step 6 is one batch into the manifest
+    # path's epoch 1 (5 batches per epoch), step 8 two into the stream's (6 batches of 2)
+    kill_after = 7 if path == "manifest" else 9
+    while not (losses.is_file() and max(read_loss_log(losses), default=0) >= kill_after):
         assert victim.poll() is None, "the run ended before it could be killed:\n" + victim.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.02)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.communicate()
     killed_at = load_checkpoint_safely(tmp / "resumed" / RUN / "checkpoints" / "last.ckpt")
-    assert 5 < killed_at["global_step"] < MAX_STEPS and killed_at["global_step"] % 5, "checkpoint is not mid-epoch"
-    finish(start(tmp / "resumed", manifest, "--ckpt_path=last"))
+    assert 5 < killed_at["global_step"] < MAX_STEPS
+    if path == "manifest":
+        assert killed_at["global_step"] % 5, "checkpoint is not mid-epoch"
+    else:
+        state = killed_at["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+        assert state["current_epoch"] == 2 and 0 < state["num_samples_yielded"] < 12, state  # LitData counts from 1
+    finish(start(tmp / "resumed", path, source, "--ckpt_path=last"))
     finish(reference)
     return tmp / "reference" / RUN, tmp / "resumed" / RUN
 
@@ -99,14 +130,16 @@ def test_resume_with_two_workers_gives_bit_identical_losses_and_samples(runs) ->
     reference, resumed = runs
     expected = read_loss_log(reference / "losses.jsonl")
     assert list(expected) == list(range(1, MAX_STEPS + 1))
+    assert step_ids(resumed) == step_ids(reference)  # the same samples at every step
     assert read_loss_log(resumed / "losses.jsonl") == expected  # float32 losses equal at every step
-    assert step_ids(resumed) == step_ids(reference)
 
 
 @pytest.mark.slow
-def test_random_clip_starts_are_drawn_in_the_workers_and_restored(runs) -> None:
+def test_random_clip_starts_are_drawn_in_the_workers_and_restored(runs, request) -> None:
     """The checkpoint carries each worker's dataset RNG (not only the main process's): without it the resumed
     workers would draw the clip starts of a fresh run."""
+    if "manifest" not in request.node.callspec.id:
+        pytest.skip("streamed clips were cut at optimize time: the workers draw nothing")
     checkpoint = load_checkpoint_safely(runs[1] / "checkpoints" / "last.ckpt")
     loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     workers = loader_state["_snapshot"]["_worker_snapshots"]

@@ -248,5 +248,8 @@ class StreamingVideoDataModule(GenerationDataModule):
     def train_dataloader(self):
         from litdata import StreamingDataLoader
 
+        # its own generator for the workers' base seed: LitData creates the epoch's iterator lazily, at the first
+        # batch -- after RNGStateCallback has restored the global RNG on resume -- so a draw from the global RNG would
+        # shift the diffusion noise of a resumed run (the streamed samples draw nothing random in the workers)
         return StreamingDataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                   collate_fn=collate_manifest)
+                                   collate_fn=collate_manifest, generator=torch.Generator().manual_seed(self.seed))
