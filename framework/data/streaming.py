@@ -5,8 +5,8 @@
 config (its manifest, buckets and clip sampling), decodes every sample once at its bucket's size with LitData's
 ``optimize`` (``N`` worker processes) and writes one item per sample::
 
-    {"schema": STREAM_SCHEMA, "id": str, "captions": JSON list of str, "fps": float (0 for a still),
-     "height": int, "width": int (the file's size before resize and crop), "frames": uint8 [T, H, W, 3]}
+    {"schema": STREAM_SCHEMA, "frames": uint8 [T, H, W, 3], "meta": JSON text of {"id": str, "captions": [str],
+     "fps": float (0 for a still), "height": int, "width": int (the file's size before resize and crop)}}
 
 Frames are stored as the uint8 pixels the decoder produced (resize and crop happen in uint8), so a streamed sample
 equals ``ManifestVideoDataset``'s sample bit for bit. The clip window is fixed at optimize time (one view per file,
@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from framework.data.datamodules import GenerationDataModule, ManifestVideoDataModule, collate_manifest
-from framework.data.manifest import ManifestVideoDataset, _to_video
+from framework.data.manifest import ManifestVideoDataset
 from framework.data.prompts import Prompts
 
 STREAM_SCHEMA = "kinetoscope.clip/1"  # changes whenever the item layout above changes
@@ -76,9 +75,11 @@ class _ClipItems:
             print(f"optimize: left out {info.row.path}: {err}", file=sys.stderr)
             return
         frames = ((video + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()  # [T, H, W, 3]
-        yield {"schema": STREAM_SCHEMA, "id": info.row.name, "captions": json.dumps(list(info.row.captions)),
-               "fps": float(fps), "height": int(info.native_height), "width": int(info.native_width),
-               "frames": frames}
+        # the strings travel as one JSON text: LitData picks a serializer by value, and takes a string ending in
+        # ".mp4" (a sample id) for a video file to embed
+        meta = {"id": info.row.name, "captions": list(info.row.captions), "fps": float(fps),
+                "height": int(info.native_height), "width": int(info.native_width)}
+        yield {"schema": STREAM_SCHEMA, "meta": json.dumps(meta), "frames": frames}
 
 
 def optimize_manifest(data: ManifestVideoDataModule, output: str, workers: int = 1, chunk_bytes: str = "64MB",
@@ -158,34 +159,9 @@ def _chunks_through_boto3() -> None:
     downloader._OBSTORE_INIT_PID = -1  # no process has this id: obstore_usable() is False
 
 
-def _stream_dataset_class():
-    from litdata import StreamingDataset
-
-    class StreamingClipDataset(StreamingDataset):
-        """LitData items back into ``ManifestVideoDataset``'s samples; the caption of a multi-caption row is drawn
-        from ``(seed, epoch, id)``, so it needs no state to survive a resume."""
-
-        plain_http = False  # an http:// endpoint (a local S3 server): chunks through boto3
-
-        def __getitem__(self, index: Any) -> dict[str, Any]:
-            if self.plain_http:
-                _chunks_through_boto3()
-            try:
-                item = super().__getitem__(index)
-            except Exception as err:  # a chunk that does not decode: name the dataset, not LitData's internals
-                raise StreamDataError(f"streamed dataset {self.input_dir.url or self.input_dir.path}: cannot read "
-                                      f"item {index}: {type(err).__name__}: {err} (corrupt chunk?)") from err
-            if not isinstance(item, dict) or item.get("schema") != STREAM_SCHEMA:
-                found = item.get("schema", sorted(item)) if isinstance(item, dict) else type(item).__name__
-                raise StreamDataError(
-                    f"streamed dataset {self.input_dir.url or self.input_dir.path}: items of schema "
-                    f"{STREAM_SCHEMA!r} expected (written by `kinetoscope optimize`), found {found!r}")
-            captions = json.loads(item["captions"])
-            rng = random.Random(f"{self.seed}:{self.current_epoch}:{item['id']}")
-            frames = item["frames"]
-            frames = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-            return {"video": _to_video(frames), "caption": rng.choice(captions), "id": item["id"],
-                    "fps": item["fps"], "original_size": (item["height"], item["width"]), "skipped": []}
+def _clip_dataset_class():
+    """``StreamingClipDataset``, imported only when streaming is used (litdata is the optional ``scale`` extra)."""
+    from framework.data.streaming_dataset import StreamingClipDataset
 
     return StreamingClipDataset
 
@@ -197,7 +173,7 @@ def open_stream(input_dir: str, storage: ObjectStorage | None = None, shuffle: b
     storage = storage or ObjectStorage()
     options = storage.storage_options()
     try:
-        dataset = _stream_dataset_class()(input_dir, shuffle=shuffle, seed=seed, storage_options=options,
+        dataset = _clip_dataset_class()(input_dir, shuffle=shuffle, seed=seed, storage_options=options,
                                           cache_dir=cache_dir)
         dataset.plain_http = (storage.endpoint_url or "").startswith("http://")
         return dataset
