@@ -6,7 +6,7 @@ epoch, checkpoints every 2 steps through ``SafeCheckpointIO``, 20 steps):
 1. **Kill and resume.** One uninterrupted ``kinetoscope fit`` run is the reference. Other runs are SIGKILLed once
    their loss log reaches a given step, resumed with ``--ckpt_path last``, and their per-step losses compared with
    the reference (bit equality) -- with the full setup, and as ablations without ``RNGStateCallback`` and with a
-   plain DataLoader instead of ``ResumableDataLoader``, to show what each part contributes.
+   plain DataLoader instead of the ``StatefulDataLoader`` of ``framework/data/resumable.py``, to show what each part contributes.
 2. **Kill during checkpoint writes.** A process rewrites a 4 MB checkpoint in a loop with
    ``framework.training.atomic_files.write_verified`` (the path ``SafeCheckpointIO`` uses); it is SIGKILLed at random times,
    and after every kill the file must verify against its digest and load with ``weights_only``.

@@ -29,11 +29,11 @@ sys.path.insert(0, str(REPO / "tests"))
 from benchmarks.results_store import save_result  # noqa: E402
 
 ONE_PROCESS = """
-import json, sys, time
+import json, multiprocessing, sys, time
 sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
 from framework.data.buckets import BucketConfig, TokenGeometry
 from framework.data.datamodules import ManifestVideoDataModule
-from framework.data.resumable import ResumableDataLoader
+from framework.data.resumable import resumable_loader
 from framework.data.datamodules import collate_manifest
 from framework.data.video_io import decoding_worker_context, read_video
 
@@ -43,8 +43,9 @@ data = ManifestVideoDataModule(sys.argv[1], buckets=BucketConfig(resolutions=[32
 read_video(data.dataset.samples[0].row.path)  # the training process has decoded video, as in a real run
 timings = {}
 for label, context in (("fork", "fork"), ("forkserver_cold", None), ("forkserver_warm", None)):
-    loader = ResumableDataLoader(data.dataset, batch_sampler=data.batch_sampler(), collate_fn=collate_manifest,
-                                 num_workers=2, multiprocessing_context=context or decoding_worker_context())
+    loader = resumable_loader(data.dataset, data.batch_sampler(), collate_manifest, num_workers=2,
+                              multiprocessing_context=multiprocessing.get_context(context) if context
+                              else decoding_worker_context())
     start = time.perf_counter()
     batches = 0
     for batch in loader:

@@ -35,6 +35,7 @@ NON_PLUGIN_CLASSES = [
     ("data", "framework.data.datamodules.SyntheticVideoDataModule"),
     ("data", "framework.data.datamodules.ManifestVideoDataModule"),
     ("data", "framework.data.latent_cache.CachedLatentDataModule"),
+    ("data", "framework.data.streaming.StreamingVideoDataModule"),
 ]
 KIND_KEYS = {kind: f"model.init_args.{kind}" for kind in PLUGIN_KINDS}
 KIND_KEYS["captioner"] = "kinetoscope recaption --captioner NAME"  # a tool's plugin, not part of the model

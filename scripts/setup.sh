@@ -12,3 +12,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+# litdata (the `scale` extra) without its torchvision requirement, which would replace the CPU torch with a CUDA
+# build; its other requirements come with `.[dev]`.
+.venv/bin/pip install --quiet --disable-pip-version-check --no-deps "litdata>=0.2.60"

@@ -1,6 +1,6 @@
 """Exact resume: a ``kinetoscope fit`` process SIGKILLed mid-epoch and resumed with ``--ckpt_path last`` logs the
 same per-step losses, bit for bit, as an uninterrupted run, and ends with the same weights, EMA and optimizer state
-(CPU, same seed). Covers data order and position (ResumableDataLoader), RNG states (RNGStateCallback: caption dropout
+(CPU, same seed). Covers data order and position (torchdata's StatefulDataLoader), RNG states (RNGStateCallback: caption dropout
 and diffusion noise), the LR schedule and EMA, across an epoch boundary."""
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     assert victim.returncode == -signal.SIGKILL
     killed_at = load_checkpoint_safely(resumed_dir / "runs" / "tiny" / "checkpoints" / "last.ckpt")
     assert killed_at["global_step"] < MAX_STEPS
-    served = killed_at["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert 0 < served["batches_served"] < BATCHES_PER_EPOCH, f"checkpoint is not mid-epoch: {served}"
+    served = killed_at["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["_sampler_iter_state"]
+    assert 0 < served["yielded"] < BATCHES_PER_EPOCH, f"checkpoint is not mid-epoch: {served}"
     assert served["epoch"] >= 1
     finish(start(resumed_dir, "--ckpt_path=last"))
     finish(reference)
@@ -96,13 +96,12 @@ def test_resumed_run_ends_with_the_same_weights_optimizer_and_ema_callback(runs)
 
 
 # ----------------------------------------------------------------------------------- the loader on its own (fast)
-def make_loader() -> "ResumableDataLoader":
+def make_loader(num_workers: int = 0):
     from framework.data.buckets import ShapeBucketBatchSampler
-    from framework.data.resumable import ResumableDataLoader
+    from framework.data.resumable import resumable_loader
 
     shapes = [(4, 16, 16)] * 10 + [(4, 16, 24)] * 6  # 3 + 2 batches of 4 (partial batches kept)
-    return ResumableDataLoader(list(range(16)), batch_sampler=ShapeBucketBatchSampler(shapes, 4, seed=3),
-                               collate_fn=lambda xs: xs)
+    return resumable_loader(list(range(16)), ShapeBucketBatchSampler(shapes, 4, seed=3), list, num_workers)
 
 
 def test_loader_resumes_after_the_batches_it_served_in_the_saved_epoch() -> None:
@@ -112,18 +111,24 @@ def test_loader_resumes_after_the_batches_it_served_in_the_saved_epoch() -> None
     it = iter(loader)
     seen = [next(it), next(it)]
     state = loader.state_dict()
-    assert state == {"epoch": 2, "batches_served": 2}
+    assert state["_sampler_iter_state"] == {"epoch": 2, "yielded": 2}
     fresh = make_loader()  # a new process: sampler at epoch 0
     fresh.load_state_dict(state)
     assert seen + list(fresh) == full  # epoch 2's order, the rest exactly once
-    assert fresh.state_dict() == {"epoch": 2, "batches_served": len(full)}
+    assert fresh.batch_sampler.epoch == 2
     assert list(fresh) == full  # the skip applies to one iterator only
 
 
-def test_loader_saved_after_an_epochs_last_batch_resumes_at_the_next_epoch() -> None:
+@pytest.mark.parametrize("finished", [False, True], ids=["last-batch-served", "iterator-exhausted"])
+def test_loader_saved_after_an_epochs_last_batch_resumes_at_the_next_epoch(finished: bool) -> None:
     loader = make_loader()
+    it = iter(loader)
+    for _ in range(len(loader)):
+        next(it)
+    if finished:
+        assert next(it, None) is None
     fresh = make_loader()
-    fresh.load_state_dict({"epoch": 0, "batches_served": len(loader)})
+    fresh.load_state_dict(loader.state_dict())
     loader.batch_sampler.set_epoch(1)
     assert list(fresh) == list(loader)
     assert fresh.batch_sampler.epoch == 1

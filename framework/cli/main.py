@@ -19,6 +19,7 @@ from framework.core.registry import PLUGIN_KINDS, default_registry, format_plugi
 from framework.data.latent_cache import cache_latents_command
 from framework.data.recaption import recaption_command
 from framework.data.scan import scan_command
+from framework.data.streaming import optimize_command
 from framework.metrics.evaluation import evaluate_command
 from framework.metrics.i3d_weights import fetch_i3d_command
 from framework.modules.video_diffusion import PromptRowsFailed
@@ -51,6 +52,7 @@ TOOL_COMMANDS: dict[str, ToolCommand] = {
     "cache-latents": ToolCommand(cache_latents_command, "encode a manifest's videos once with a compressor"),
     "ablate": ToolCommand(ablate_command, "train a base config under overlay files x seeds and report the results"),
     "recaption": ToolCommand(recaption_command, "write captions for a manifest's videos with a captioner"),
+    "optimize": ToolCommand(optimize_command, "write a manifest's clips into LitData chunks for streaming"),
 }
 
 

@@ -211,6 +211,37 @@ class _EpochForwarder:
         self.owner.set_epoch(epoch)
 
 
+class _EpochBatches:
+    """One epoch's batches as a stateful iterator. torchdata's ``StatefulDataLoader`` saves its ``state_dict``
+    (epoch, batches handed out) in checkpoints and restores it on resume: the epoch matters because Lightning creates
+    a resumed epoch's iterator *before* it calls ``set_epoch`` (a resume into epoch > 0 would replay epoch 0's
+    order); the position needs no indices because the order is a function of ``(seed, epoch)``."""
+
+    def __init__(self, owner: _EpochBatchSampler) -> None:
+        self.owner, self.epoch, self.yielded = owner, owner.epoch, 0
+        self.batches = owner.batches()
+
+    def __iter__(self) -> _EpochBatches:
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.yielded >= len(self.batches):
+            raise StopIteration
+        self.yielded += 1
+        return self.batches[self.yielded - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "yielded": int(self.yielded)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, yielded = int(state["epoch"]), int(state["yielded"])
+        self.owner.set_epoch(epoch)
+        if yielded >= len(self.owner):  # saved after the epoch's last batch: the next epoch starts from its beginning
+            self.owner.set_epoch(epoch + 1)
+            yielded = 0
+        self.epoch, self.yielded, self.batches = self.owner.epoch, yielded, self.owner.batches()
+
+
 class _EpochBatchSampler(Sampler[list[int]]):
     """Shared epoch / rank bookkeeping: subclasses build ``global_batches()`` from ``(seed, epoch)``."""
 
@@ -218,7 +249,6 @@ class _EpochBatchSampler(Sampler[list[int]]):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.rank, self.world_size = distributed_rank_and_size(rank, world_size)
         self.epoch = 0
-        self.skip_batches = 0  # set by ResumableDataLoader on a mid-epoch resume; used once, by the next __iter__
         self.sampler = _EpochForwarder(self)
 
     def set_epoch(self, epoch: int) -> None:
@@ -234,9 +264,8 @@ class _EpochBatchSampler(Sampler[list[int]]):
         """This rank's batches for the current epoch."""
         return shard_batches(self.global_batches(), self.rank, self.world_size, self.drop_last)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        skip, self.skip_batches = self.skip_batches, 0
-        return iter(self.batches()[skip:])
+    def __iter__(self) -> _EpochBatches:
+        return _EpochBatches(self)
 
     def __len__(self) -> int:
         return len(self.batches())

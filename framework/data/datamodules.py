@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Sequence
-from multiprocessing.context import BaseContext
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from framework.core.errors import UsageError
 from framework.data.buckets import (
@@ -30,7 +29,7 @@ from framework.data.manifest import (
     read_manifest,
 )
 from framework.data.prompts import PromptDataset, Prompts, collate_prompts, load_prompt_requests
-from framework.data.resumable import ResumableDataLoader
+from framework.data.resumable import resumable_loader
 from framework.data.synthetic import SyntheticMovingShapes
 from framework.data.video_io import decoding_worker_context
 
@@ -59,21 +58,6 @@ def collate_manifest(samples: list[dict]) -> dict:
     batch = collate_videos(samples)
     batch["skipped"] = [s for sample in samples for s in sample.get("skipped", ())]
     return batch
-
-
-def training_loader(dataset: Dataset, batch_sampler: Sampler[list[int]], collate_fn: Callable[[list[dict]], dict],
-                    num_workers: int, multiprocessing_context: BaseContext | None = None) -> DataLoader:
-    """The one place every data module builds its training loader: a ``ResumableDataLoader`` (its mid-epoch position
-    is saved in checkpoints, for exact resume) over ``batch_sampler``'s batches, with persistent workers when there
-    are any, started from ``multiprocessing_context`` (the platform default when None)."""
-    return ResumableDataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        multiprocessing_context=multiprocessing_context,
-    )
 
 
 class GenerationDataModule(L.LightningDataModule):
@@ -118,7 +102,8 @@ class SyntheticVideoDataModule(GenerationDataModule):
         return TokenBudgetBatchSampler(tokens, self.tokens_per_batch, seed=self.seed, max_batch_size=self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        return training_loader(self.dataset, self.batch_sampler(), collate_videos, self.num_workers)
+        # its mid-epoch position is saved in checkpoints (exact resume)
+        return resumable_loader(self.dataset, self.batch_sampler(), collate_videos, self.num_workers)
 
 
 class Batching(str, enum.Enum):
@@ -215,6 +200,7 @@ class ManifestVideoDataModule(GenerationDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        # workers decode video: never fork them from a process whose decoder threads they cannot inherit
-        return training_loader(self.dataset, self.batch_sampler(), collate_manifest, self.num_workers,
-                               decoding_worker_context() if self.num_workers > 0 else None)
+        # its mid-epoch position, workers' included, is saved in checkpoints (exact resume); workers decode video:
+        # never fork them from a process whose decoder threads they cannot inherit
+        return resumable_loader(self.dataset, self.batch_sampler(), collate_manifest, self.num_workers,
+                                decoding_worker_context() if self.num_workers > 0 else None)

@@ -396,6 +396,24 @@ class ManifestVideoDataset(Dataset):
         for index, info in enumerate(self.samples):
             self.by_bucket.setdefault(info.bucket, []).append(index)
         self._known_bad: dict[int, str] = {}  # per worker process: indices that failed to decode
+        self._rng: random.Random | None = None  # per worker process: clip starts and caption choices
+
+    @property
+    def rng(self) -> random.Random:
+        """Seeded once per process from its global RNG (a DataLoader worker's is seeded from the loader's base seed
+        and its worker id; the main process's by ``seed_everything``)."""
+        if self._rng is None:
+            self._rng = random.Random(random.random())
+        return self._rng
+
+    def state_dict(self) -> dict[str, tuple]:
+        """Saved per worker by ``StatefulDataLoader`` with every batch, so a resumed run's workers continue the clip
+        starts where the killed run's stopped, not from their seeds."""
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, tuple]) -> None:
+        version, internal, gauss_next = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss_next))  # a checkpoint may hand tuples back as lists
 
     def _inspect(self, row: ManifestRow) -> SampleInfo | str:
         if not row.path.is_file():
@@ -439,7 +457,7 @@ class ManifestVideoDataset(Dataset):
         return decode_clip(info.row.path, bucket, start, step), 1.0 / step
 
     def __getitem__(self, index: int) -> dict:
-        rng = random.Random(random.random())  # worker RNGs are seeded by Lightning (seed_everything(workers=True))
+        rng = self.rng
         bucket = self.samples[index].bucket
         skipped: list[SkippedSample] = []
         for candidate in self._replacements(index):

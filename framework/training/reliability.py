@@ -10,7 +10,7 @@
   (``NonFiniteAction``), naming the batch's sample ids. Checkpoints cannot carry NaNs over a good file either:
   ``framework.training.checkpointing.SafeCheckpointIO`` refuses to write weights that are not finite.
 
-Together with ``SafeCheckpointIO`` (atomic checkpoints) and ``framework.data.resumable.ResumableDataLoader`` (data
+Together with ``SafeCheckpointIO`` (atomic checkpoints) and ``framework.data.resumable.resumable_loader`` (data
 position), a run killed at any moment and resumed with ``--ckpt_path last`` continues bit-exactly on CPU
 (``tests/test_reliability_resume.py``). Add them under ``trainer.callbacks`` in YAML.
 """
