@@ -48,15 +48,24 @@ class StreamDataError(ValueError):
 @dataclass
 class ObjectStorage:
     """Where an ``s3://`` dataset lives: ``endpoint_url`` of an S3-compatible server (None: AWS), and its region.
-    Credentials come from the usual AWS environment variables or files, never from a config."""
+    Credentials come from the usual AWS environment variables or files, never from a config. A request is tried
+    ``max_attempts`` times, each connection waiting at most ``connect_timeout_s``: LitData's own client retries
+    1000 times with backoff, which turns an unreachable or misspelled endpoint into what looks like a hang."""
 
     endpoint_url: str | None = None
     region: str | None = None
+    max_attempts: int = 4
+    connect_timeout_s: float = 10.0
 
-    def storage_options(self) -> dict[str, str]:
-        """LitData's ``storage_options`` (handed to its boto3 client)."""
-        options = {"endpoint_url": self.endpoint_url, "region_name": self.region}
-        return {k: v for k, v in options.items() if v is not None}
+    def storage_options(self) -> dict[str, Any]:
+        """LitData's ``storage_options`` (handed to its boto3 client, whose defaults they override)."""
+        import botocore.config
+
+        options: dict[str, Any] = {"endpoint_url": self.endpoint_url, "region_name": self.region}
+        options = {k: v for k, v in options.items() if v is not None}
+        options["config"] = botocore.config.Config(retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                                                   connect_timeout=self.connect_timeout_s)
+        return options
 
 
 # ------------------------------------------------------------------------------------------------------- optimize
