@@ -37,12 +37,7 @@ import torch
 from framework.data.datamodules import GenerationDataModule, ManifestVideoDataModule, collate_manifest
 from framework.data.manifest import ManifestVideoDataset
 from framework.data.prompts import Prompts
-
-STREAM_SCHEMA = "kinetoscope.clip/1"  # changes whenever the item layout above changes
-
-
-class StreamDataError(ValueError):
-    """A streamed dataset that cannot be read: unreachable or missing storage, another schema, a corrupt chunk."""
+from framework.data.stream_format import STREAM_SCHEMA, StreamDataError
 
 
 @dataclass
@@ -158,14 +153,6 @@ def optimize_command(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ streaming
-def _chunks_through_boto3() -> None:
-    """LitData (0.2.76) downloads chunks with obstore when it is installed, and builds obstore's client without
-    ``allow_http``, so from an ``http://`` endpoint it gets the index (through boto3) and then fails on every chunk
-    ("builder error"). LitData's own switch for "obstore not usable in this process" (a forked child of a process
-    that started it) sends the chunks through boto3 instead; it is per process, so every worker calls this."""
-    from litdata.streaming import downloader
-
-    downloader._OBSTORE_INIT_PID = -1  # no process has this id: obstore_usable() is False
 
 
 def _clip_dataset_class():

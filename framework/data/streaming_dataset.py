@@ -13,7 +13,7 @@ import torch
 from litdata import StreamingDataset
 
 from framework.data.manifest import _to_video
-from framework.data.streaming import STREAM_SCHEMA, StreamDataError, _chunks_through_boto3
+from framework.data.stream_format import STREAM_SCHEMA, StreamDataError, _chunks_through_boto3
 
 
 class StreamingClipDataset(StreamingDataset):
